@@ -1,0 +1,100 @@
+"""Time gradcam's classify maps against captum and against the bare model, in one run.
+
+    python benchmarks/bench_classify.py [--arch resnet50] [--repeats 5] [--threads 2]
+
+Prints medians after a warm-up (model loading excluded) and the ratios gradcam / reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from captum.attr import Deconvolution, GuidedBackprop, GuidedGradCam, LayerAttribution, LayerGradCam, Saliency
+from torchvision.models import get_model
+
+from gradcam_cli import explain
+from gradcam_cli.models import default_layer
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def floor(model: torch.nn.Module, x: torch.Tensor, classes: list[int], backwards: int) -> None:
+    """The least any tool can do: one forward pass and ``backwards`` input-gradient passes."""
+    xi = x.clone().requires_grad_(True)
+    logits = model(xi)
+    for i in range(backwards):
+        torch.autograd.grad(logits[0, classes[i % len(classes)]], xi, retain_graph=True)
+
+
+def captum_five(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor, classes: list[int]) -> None:
+    """captum computing the same five maps for each class."""
+    for c in classes:
+        Saliency(model).attribute(x, target=c, abs=False)
+        GuidedBackprop(model).attribute(x, target=c)
+        Deconvolution(model).attribute(x, target=c)
+        captum_gradcam(model, layer, x, c)
+        GuidedGradCam(model, layer).attribute(x, target=c, interpolate_mode="bilinear")
+
+
+def captum_gradcam(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor, c: int) -> torch.Tensor:
+    """captum's Grad-CAM upsampled to the input, as gradcam returns it."""
+    cam = LayerGradCam(model, layer).attribute(x, target=c, relu_attributions=True)
+    return LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), "bilinear")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = get_model(args.arch, weights=None).eval()
+    x = torch.randn(1, 3, args.size, args.size)
+    layer_name = default_layer(args.arch, model, args.size)
+    layer = dict(model.named_modules())[layer_name]
+    classes = model(x).topk(3).indices[0].tolist()
+
+    rows = {
+        "floor: 1 forward + 9 backward": median_time(lambda: floor(model, x, classes, 9), args.repeats),
+        "gradcam: top-3, five maps": median_time(lambda: explain(model, x, layer_name, topk=3), args.repeats),
+        "captum: top-3, five maps": median_time(lambda: captum_five(model, layer, x, classes), args.repeats),
+        "gradcam: Grad-CAM top-1": median_time(
+            lambda: explain(model, x, layer_name, topk=1, methods=["gradcam"]), args.repeats),
+        "captum: LayerGradCam top-1": median_time(
+            lambda: captum_gradcam(model, layer, x, classes[0]), args.repeats),
+    }
+    ours = explain(model, x, layer_name, class_ids=classes[:1], methods=["gradcam"]).maps["gradcam"][0, 0]
+    theirs = captum_gradcam(model, layer, x, classes[0])[0].detach()
+    diff = float((ours / ours.max() - theirs / theirs.max()).abs().max())
+
+    print(f"{args.arch} at {args.size}, layer {layer_name}, {args.threads} threads, "
+          f"median of {args.repeats} (torch {torch.__version__})")
+    for name, seconds in rows.items():
+        print(f"  {name:<34} {seconds:7.3f} s")
+    five = rows["gradcam: top-3, five maps"]
+    versus_captum = five / rows["captum: top-3, five maps"]
+    print(f"  ratio five maps gradcam/captum      {versus_captum:.2f}  (target <= 0.40)")
+    print(f"  ratio five maps gradcam/floor       {five / rows['floor: 1 forward + 9 backward']:.2f}")
+    cam = rows["gradcam: Grad-CAM top-1"] / rows["captum: LayerGradCam top-1"]
+    print(f"  ratio Grad-CAM gradcam/captum       {cam:.2f}  (target <= 1.00)")
+    print(f"  max |difference| Grad-CAM vs captum {diff:.2e} (after dividing by the maximum)")
+
+
+if __name__ == "__main__":
+    main()

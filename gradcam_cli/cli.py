@@ -1,0 +1,135 @@
+"""The `gradcam` command: options only, each command a thin layer over the library API."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import click
+import torch
+
+from . import __version__
+from .errors import GradcamError, UsageError
+from .methods import METHODS
+from .models import ARCHITECTURES, default_layer, load_model, spatial_layers
+from .pipeline import classify as classify_images
+
+EXIT_CODES = """Exit codes: 0 every image done; 1 at least one image failed;
+2 usage error (bad option, unknown architecture, weights or layer)."""
+
+
+class Group(click.Group):
+    """A command group that prints a GradcamError as one line and exits with its code."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except GradcamError as exc:
+            click.echo(f"gradcam: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+def pick_device(cuda: bool | None) -> torch.device:
+    """CUDA when asked or, by default, when available; asking without CUDA is an error."""
+    available = torch.cuda.is_available()
+    if cuda and not available:
+        raise UsageError("--cuda: no CUDA device is available here; use --no-cuda")
+    return torch.device("cuda" if (available if cuda is None else cuda) else "cpu")
+
+
+def model_options(command: Callable) -> Callable:
+    """The options every model-loading command shares."""
+    options = [
+        click.option("--arch", required=True, metavar="NAME",
+                     help="A torchvision classifier, e.g. resnet152 (see torchvision.models)."),
+        click.option("--weights", default="DEFAULT", show_default=True,
+                     help="DEFAULT, a weights name (IMAGENET1K_V2), none (random), "
+                          "or a .pt/.pth/.safetensors checkpoint path."),
+        click.option("--num-classes", type=click.IntRange(min=1),
+                     help="Classes of a checkpoint's head when not ImageNet's 1000."),
+        click.option("--labels", type=click.Path(dir_okay=False),
+                     help="Class names, one per line, for a checkpoint's head."),
+        click.option("--unsafe-load", is_flag=True,
+                     help="Allow a checkpoint that holds pickled Python objects (can run code)."),
+        click.option("--cuda/--no-cuda", default=None,
+                     help="Run on CUDA (default: when available)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gradcam")
+def main() -> None:
+    """Show why a vision network decided what it did."""
+
+
+@main.command(epilog=EXIT_CODES)
+@model_options
+@click.option("--image-path", "images", multiple=True, required=True, metavar="FILE",
+              help="An image to explain; repeat for several.")
+@click.option("--topk", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Explain each image's k most probable classes.")
+@click.option("--class-id", "class_ids", multiple=True, type=click.IntRange(min=0),
+              help="Explain this class instead of the top-k; repeatable.")
+@click.option("--layer", help="Target layer for Grad-CAM, dotted (layer4, features.28); "
+                              "default: the architecture's last spatial block.")
+@click.option("--method", "methods", multiple=True, type=click.Choice(METHODS),
+              help="Maps to compute; repeatable (default: all five).")
+@click.option("--output-dir", default="results", show_default=True, type=click.Path(),
+              help="Folder for the PNGs and JSON summaries.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Images per forward pass.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON record per image on stdout instead of a table.")
+def classify(arch: str, weights: str, num_classes: int | None, labels: str | None,
+             unsafe_load: bool, cuda: bool | None, images: tuple[str, ...], topk: int,
+             class_ids: tuple[int, ...], layer: str | None, methods: tuple[str, ...],
+             output_dir: str, batch_size: int, as_json: bool) -> None:
+    """Explain the top-k classes of a classifier with five maps per class."""
+    model = load_model(arch, weights, num_classes, labels, unsafe_load, pick_device(cuda))
+    if layer is None:
+        layer = default_layer(arch, model.module, model.preprocess.crop)
+        click.echo(f"gradcam: target layer {layer} (default for {arch}; change with --layer)",
+                   err=True)
+    failed = 0
+    for record in classify_images(model, list(images), output_dir, layer, topk, class_ids,
+                                  methods or METHODS, batch_size):
+        if record["status"] == "error":
+            failed += 1
+            click.echo(f"gradcam: error: {record['error']}", err=True)
+        if as_json:
+            click.echo(json.dumps(record, sort_keys=True, ensure_ascii=False))
+        elif record["status"] == "ok":
+            _print_table(record)
+    raise SystemExit(1 if failed else 0)
+
+
+def _print_table(record: dict) -> None:
+    """Print an image's explained classes as a short table."""
+    click.echo(f"{record['image']}  ({record['arch']} @ {record['layer']})")
+    for c in record["classes"]:
+        click.echo(f"  {c['rank']:>2}  {c['probability']:8.4f}  {c['class_id']:>5}  {c['name']}")
+    click.echo(f"  -> {record['grid']}")
+
+
+@main.command()
+@click.option("--arch", required=True, metavar="NAME", help="A torchvision classifier.")
+def layers(arch: str) -> None:
+    """List the layers with a spatial output (candidate targets) and their shapes."""
+    model = load_model(arch, "none")
+    size = model.preprocess.crop
+    default = default_layer(arch, model.module, size)
+    click.echo(f"{arch} at {size}x{size}; * marks the default target layer")
+    for name, shape in spatial_layers(model.module, size):
+        click.echo(f"{'*' if name == default else ' '} {name:<48} {'x'.join(map(str, shape[1:]))}")
+    if arch.startswith("vit_"):
+        click.echo(f"* {default} (token output; default, since the last block's patch tokens "
+                   "get no gradient)")
+
+
+@main.command()
+def architectures() -> None:
+    """List the architecture names --arch accepts."""
+    click.echo("\n".join(ARCHITECTURES))

@@ -1,0 +1,79 @@
+"""The library's core call: explain a batch of inputs for chosen or top-k classes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import methods as M
+from .engine import ForwardPass, forward_pass
+from .errors import UsageError
+from .models import find_layer
+
+
+@dataclass
+class Explanation:
+    """Maps for a batch: ``maps[method]`` is NxKxCxHxW, class ``classes[n, k]`` of image n."""
+
+    probabilities: torch.Tensor
+    classes: torch.Tensor
+    maps: dict[str, torch.Tensor]
+    layer: str
+    gates: int
+
+
+def choose_classes(probabilities: torch.Tensor, topk: int,
+                   class_ids: Sequence[int] = ()) -> torch.Tensor:
+    """The classes to explain per image: the given ids for all images, or each one's top-k."""
+    n, classes = probabilities.shape
+    if class_ids:
+        bad = [c for c in class_ids if not 0 <= c < classes]
+        if bad:
+            raise UsageError(f"--class-id {bad[0]} is outside 0..{classes - 1}")
+        return torch.tensor(list(class_ids), device=probabilities.device).expand(n, -1)
+    if not 1 <= topk <= classes:
+        raise UsageError(f"--topk {topk} must be between 1 and {classes}")
+    return probabilities.topk(topk, dim=1).indices
+
+
+def explain(module: nn.Module, inputs: torch.Tensor, layer: str, topk: int = 3,
+            class_ids: Sequence[int] = (), methods: Sequence[str] = M.METHODS) -> Explanation:
+    """One forward pass for the batch, then per class only the backward passes ``methods`` need."""
+    unknown_methods = [m for m in methods if m not in M.METHODS]
+    if unknown_methods:
+        raise UsageError(f"unknown method {unknown_methods[0]!r}; choose from {', '.join(M.METHODS)}")
+    with forward_pass(module, inputs, {layer: find_layer(module, layer)}) as fp:
+        if layer not in fp.activations:
+            raise UsageError(f"--layer {layer} did not produce a tensor in the forward pass; "
+                             "choose one listed by `gradcam layers`")
+        probabilities = fp.logits.detach().float().softmax(dim=1)
+        classes = choose_classes(probabilities, topk, class_ids)
+        ranks = [_explain_class(fp, classes[:, k], layer, methods) for k in range(classes.shape[1])]
+        gates = len(fp.gates)
+    maps = {m: torch.stack([r[m] for r in ranks], dim=1) for m in methods}
+    return Explanation(probabilities, classes, maps, layer, gates)
+
+
+def _explain_class(fp: ForwardPass, classes: torch.Tensor, layer: str,
+                   methods: Sequence[str]) -> dict[str, torch.Tensor]:
+    """All maps for one class per image, each backward pass run once and shared."""
+    score = fp.logits.gather(1, classes[:, None]).sum()  # images are independent in eval mode
+    size = tuple(fp.inputs.shape[-2:])
+    wanted = set(methods) | ({"guided", "gradcam"} if "guided-gradcam" in methods else set())
+    maps: dict[str, torch.Tensor] = {}
+    plain = [name for name in ("vanilla", "gradcam") if name in wanted]
+    if plain:  # one plain backward pass serves vanilla backprop and Grad-CAM
+        wrt = {"vanilla": fp.inputs, "gradcam": fp.activations[layer]}
+        grads = dict(zip(plain, fp.gradients(score, "plain", [wrt[name] for name in plain])))
+        maps.update(grads)
+        if "gradcam" in grads:
+            maps["gradcam"] = M.gradcam(fp.activations[layer].detach(), grads["gradcam"], size)
+    for method in ("guided", "deconv"):
+        if method in wanted:
+            (maps[method],) = fp.gradients(score, M.GRADIENT_METHODS[method], [fp.inputs])
+    if "guided-gradcam" in wanted:
+        maps["guided-gradcam"] = M.guided_gradcam(maps["guided"], maps["gradcam"])
+    return {m: maps[m].detach() for m in methods}

@@ -1,0 +1,104 @@
+"""Images in, files out: decoding any common image to RGB, and writing outputs atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputError, UsageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode an image as 8-bit RGB, honouring EXIF orientation; any failure is an InputError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image = ImageOps.exif_transpose(image)
+                image.load()
+                return to_rgb(image)
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: no such file") from exc
+    except PermissionError as exc:
+        raise InputError(f"{path}: not readable (permission denied)") from exc
+    except UnidentifiedImageError as exc:
+        raise InputError(f"{path}: not an image file (JPEG, PNG, BMP, WebP expected)") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"{path}: refused, too many pixels to decode safely ({exc})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: cannot decode ({exc})") from exc
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert grayscale, 16-bit, palette, alpha and CMYK images to RGB (alpha over white)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        scale = 257.0 if image.mode.startswith("I;16") else max(np.asarray(image).max(), 1) / 255
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / scale).round().astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def slug(text: str) -> str:
+    """A file-name-safe lower-case form of a class or image name."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "x"
+
+
+def image_id(path: str | Path) -> str:
+    """A folder name for an image: its stem plus a hash of its absolute path, so same-named
+    images in different folders never share outputs."""
+    digest = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:8]
+    return f"{slug(Path(path).stem)}-{digest}"
+
+
+def atomic_write(path: Path, data: bytes) -> Path:
+    """Write via a temporary file in the same folder and rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """Encode an HxWx3 uint8 array as PNG (no timestamps, so identical input → identical bytes)."""
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def json_bytes(record: dict) -> bytes:
+    """Encode a record as stable, readable JSON."""
+    return (json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def prepare_output_dir(path: Path) -> Path:
+    """Create the output folder, or say in one line why it cannot be used."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--output-dir {path} is an existing file; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--output-dir {path}: cannot create ({exc.strerror})") from exc
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"--output-dir {path} is not writable")
+    return path

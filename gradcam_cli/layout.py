@@ -1,0 +1,40 @@
+"""How a layer's output becomes an NxCxhxw feature map, whatever the architecture's layout."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def token_grid(tokens: int) -> tuple[int, int] | None:
+    """Return (leading extra tokens, grid side) when a token count folds into a square grid."""
+    for extra in (0, 1):
+        side = math.isqrt(tokens - extra)
+        if side > 1 and side * side == tokens - extra:
+            return extra, side
+    return None
+
+
+def is_spatial(shape: torch.Size | tuple[int, ...]) -> bool:
+    """Tell whether a layer output has a spatial grid of at least 2x2 to explain."""
+    if len(shape) == 4:
+        return min(shape[2], shape[3]) > 1 or min(shape[1], shape[2]) > 1
+    return len(shape) == 3 and token_grid(shape[1]) is not None
+
+
+def to_nchw(t: torch.Tensor) -> torch.Tensor:
+    """Fold a layer output into NxCxhxw.
+
+    Convolutional maps pass unchanged; channels-last maps (Swin) are permuted; token sequences
+    (ViT) lose their class token and are folded into the square patch grid.  Inputs are square
+    crops, so a square trailing pair means channels-first.
+    """
+    if t.dim() == 4:
+        channels_last = t.shape[2] != t.shape[3] and t.shape[1] == t.shape[2]
+        return t.permute(0, 3, 1, 2) if channels_last else t
+    grid = token_grid(t.shape[1]) if t.dim() == 3 else None
+    if grid is None:
+        raise ValueError(f"a layer output of shape {tuple(t.shape)} has no spatial grid")
+    extra, side = grid
+    return t[:, extra:].transpose(1, 2).reshape(t.shape[0], t.shape[2], side, side)

@@ -1,0 +1,32 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = next(line.split('"')[1] for line in Path("gradcam_cli/__init__.py").read_text().splitlines()
+               if line.startswith("__version__"))
+
+setup(
+    name="gradcam",
+    version=version,
+    description="Explain vision networks: vanilla/guided backprop, deconvnet, Grad-CAM, Guided Grad-CAM",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["gradcam_cli", "gradcam_cli.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.0",
+        "torchvision>=0.15",
+        "click>=8.0",
+        "opencv-python-headless>=4.5",
+        "matplotlib>=3.5",
+        "tqdm>=4.60",
+        "pillow>=9.1",
+        "numpy>=1.22",
+    ],
+    extras_require={
+        "safetensors": ["safetensors>=0.3"],
+        "test": ["pytest>=7", "captum>=0.7", "safetensors>=0.3", "ruff>=0.4"],
+    },
+    entry_points={"console_scripts": ["gradcam=gradcam_cli.cli:main"]},
+)

@@ -1,0 +1,119 @@
+"""The `gradcam` command end to end, in-process, with random weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from gradcam_cli import __version__
+from gradcam_cli.cli import main
+from gradcam_cli.methods import METHODS
+
+BASE = ["classify", "--arch", "resnet18", "--weights", "none", "--no-cuda"]
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_help_lists_every_command_and_version() -> None:
+    code, out, _ = run("--help")
+    assert code == 0
+    for command in ("classify", "layers", "architectures"):
+        assert command in out
+    assert run("--version")[1].strip().endswith(__version__)
+
+
+def test_module_entry_point() -> None:
+    out = subprocess.run([sys.executable, "-m", "gradcam_cli", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "classify" in out
+
+
+def test_classify_writes_grid_maps_and_summary(photo: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "res"
+    code, out, err = run(*BASE, "--image-path", str(photo), "--topk", "2",
+                         "--output-dir", str(out_dir), "--json")
+    assert code == 0, err
+    assert "target layer layer4" in err
+    record = json.loads(out)
+    assert record["status"] == "ok" and record["layer"] == "layer4"
+    assert [c["rank"] for c in record["classes"]] == [1, 2]
+    probabilities = [c["probability"] for c in record["classes"]]
+    assert probabilities == sorted(probabilities, reverse=True)
+    for c in record["classes"]:
+        assert set(c["maps"]) == set(METHODS)
+        for path in c["maps"].values():
+            assert Image.open(path).size == (224, 224)
+    assert Image.open(record["grid"]).size == (6 * 220, 2 * 220 + 30)
+    assert json.loads(Path(record["summary"]).read_text()) == record
+    assert not list(out_dir.rglob("*.tmp"))
+
+
+def test_outputs_are_byte_identical_across_runs(photo: Path, tmp_path: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        run(*BASE, "--image-path", str(photo), "--topk", "1", "--output-dir", str(tmp_path / name))
+        runs.append({p.relative_to(tmp_path / name): p.read_bytes()
+                     for p in sorted((tmp_path / name).rglob("*")) if p.is_file()})
+    summaries = [p for p in runs[0] if p.suffix == ".json"]
+    assert len(runs[0]) == 7 and len(summaries) == 1
+    assert runs[0].keys() == runs[1].keys()
+    for path in runs[0]:
+        if path.suffix == ".png":
+            assert runs[0][path] == runs[1][path], path
+    # summaries name their own folder, so compare them with the folder name swapped
+    assert runs[0][summaries[0]].replace(b"/a/", b"/b/") == runs[1][summaries[0]]
+
+
+def test_table_and_class_ids(photo: Path, tmp_path: Path) -> None:
+    code, out, _ = run(*BASE, "--image-path", str(photo), "--class-id", "285", "--class-id", "1",
+                       "--method", "gradcam", "--output-dir", str(tmp_path))
+    assert code == 0
+    assert "Egyptian cat" in out and "goldfish" in out
+    assert len(list(tmp_path.rglob("gradcam.png"))) == 2
+    assert not list(tmp_path.rglob("vanilla.png"))
+
+
+def test_bad_image_fails_alone(photo: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not a jpeg")
+    code, out, err = run(*BASE, "--image-path", str(bad), "--image-path", str(photo),
+                         "--topk", "1", "--json", "--output-dir", str(tmp_path / "o"))
+    assert code == 1
+    assert err.count("broken.jpg") == 1 and "not an image" in err
+    statuses = [json.loads(line)["status"] for line in out.splitlines()]
+    assert statuses == ["error", "ok"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--arch", "resnet1"], "unknown architecture 'resnet1'"),
+    (["--layer", "layer5"], "did you mean layer"),
+    (["--cuda"], "no CUDA device"),
+    (["--class-id", "1000"], "outside 0..999"),
+    (["--weights", "missing.pt"], "no such checkpoint"),
+])
+def test_usage_errors_exit_2_with_one_line(photo: Path, tmp_path: Path, args: list[str],
+                                           message: str) -> None:
+    argv = ["classify", "--arch", "resnet18", "--weights", "none", "--image-path", str(photo),
+            "--output-dir", str(tmp_path), *args]
+    if "--cuda" in args:
+        pytest.importorskip("torch").cuda.is_available() and pytest.skip("CUDA is available")
+    code, out, err = run(*argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) <= 2
+    assert out == ""
+
+
+def test_layers_lists_shapes_and_default() -> None:
+    code, out, _ = run("layers", "--arch", "resnet18")
+    assert code == 0
+    assert "* layer4" in out and "512x7x7" in out and "layer1" in out

@@ -1,0 +1,119 @@
+"""The explain API against captum, and the promises it makes about the caller's model."""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+from captum.attr import Deconvolution, GuidedBackprop, GuidedGradCam, LayerAttribution, LayerGradCam, Saliency
+from torch import nn
+from torchvision.models import get_model
+
+from gradcam_cli import UsageError, explain
+
+
+def by_max(x: torch.Tensor) -> torch.Tensor:
+    """The shared normalisation for comparisons: divide by the largest magnitude."""
+    return x / x.abs().amax(dim=tuple(range(1, x.dim())), keepdim=True).clamp_min(1e-30)
+
+
+def close(ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> bool:
+    """Equal up to ``tol`` after normalising both by their maximum magnitude."""
+    return float((by_max(ours) - by_max(ref.detach())).abs().max()) <= tol
+
+
+@pytest.fixture(scope="module", params=[("resnet18", "layer4"), ("vgg11", "features"),
+                                        ("alexnet", "features")], ids=lambda p: p[0])
+def reference_case(request: pytest.FixtureRequest) -> tuple[nn.Module, str, torch.Tensor]:
+    torch.manual_seed(1)
+    model = get_model(request.param[0], weights=None).eval()
+    return model, request.param[1], torch.randn(2, 3, 224, 224)
+
+
+def test_maps_equal_captum(reference_case: tuple[nn.Module, str, torch.Tensor]) -> None:
+    model, layer, x = reference_case
+    result = explain(model, x, layer, class_ids=[7, 250])
+    for k, cls in enumerate([7, 250]):
+        target = [cls, cls]
+        ours = {m: result.maps[m][:, k] for m in result.maps}
+        assert close(ours["vanilla"], Saliency(model).attribute(x, target=target, abs=False))
+        assert close(ours["guided"], GuidedBackprop(model).attribute(x, target=target))
+        assert close(ours["deconv"], Deconvolution(model).attribute(x, target=target))
+        module = dict(model.named_modules())[layer]
+        cam = LayerGradCam(model, module).attribute(x, target=target, relu_attributions=True)
+        cam = LayerAttribution.interpolate(cam, (224, 224), "bilinear")
+        assert close(ours["gradcam"], cam)
+        ggc = GuidedGradCam(model, module).attribute(x, target=target, interpolate_mode="bilinear")
+        assert close(ours["guided-gradcam"], ggc, 1e-4)
+
+
+def _modular_copy(model: nn.Module) -> nn.Module:
+    """A copy whose BasicConv2d blocks call an nn.ReLU module instead of F.relu."""
+    twin = copy.deepcopy(model)
+    for block in twin.modules():
+        if type(block).__name__ == "BasicConv2d":
+            block.relu = nn.ReLU()
+            block.forward = types.MethodType(lambda self, x: self.relu(self.bn(self.conv(x))), block)
+    return twin
+
+
+@pytest.mark.parametrize("arch,layer,size", [("inception_v3", "Mixed_7c", 299),
+                                             ("googlenet", "inception5b", 224)])
+def test_functional_relus_are_guided(arch: str, layer: str, size: int) -> None:
+    model = get_model(arch, weights=None, init_weights=True).eval()
+    x = torch.randn(1, 3, size, size)
+    result = explain(model, x, layer, class_ids=[3], methods=["vanilla", "guided"])
+    assert not close(result.maps["guided"][:, 0], result.maps["vanilla"][:, 0], 1e-2)
+    twin = _modular_copy(model)
+    reference = GuidedBackprop(twin).attribute(x, target=3)
+    assert close(result.maps["guided"][:, 0], reference)
+    blocks = [n for n, m in model.named_modules()
+              if type(m).__name__ == "BasicConv2d" and not n.lower().startswith("aux")]
+    assert result.gates == len(blocks)  # every executed block's functional ReLU was found
+
+
+def test_rank_maps_equal_single_class_run() -> None:
+    """Class i's maps carry nothing of class j (seed 001 leaked the previous rank's gradient)."""
+    model = get_model("resnet18", weights=None).eval()
+    x = torch.randn(2, 3, 224, 224)
+    top3 = explain(model, x, "layer4", topk=3)
+    second = top3.classes[:, 1]
+    for n in range(2):
+        alone = explain(model, x[n:n + 1], "layer4", class_ids=[int(second[n])])
+        for method, maps in top3.maps.items():
+            assert torch.allclose(maps[n, 1], alone.maps[method][0, 0], atol=1e-6, rtol=1e-4), method
+
+
+def _state(model: nn.Module) -> tuple:
+    """Everything explain must leave as it was."""
+    hooks = [(n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+             for n, m in model.named_modules()]
+    return (hooks, [(n, m.training) for n, m in model.named_modules()],
+            [p.grad for p in model.parameters()], {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return (a[0] == b[0] and a[1] == b[1] and all(g is None for g in b[2])
+            and all(torch.equal(a[3][k], b[3][k]) for k in a[3]))
+
+
+def test_model_left_as_it_was_also_after_error() -> None:
+    model = get_model("resnet18", weights=None)
+    model.train()
+    model.layer2.eval()  # mixed flags must come back exactly
+    before = _state(model)
+    x = torch.randn(1, 3, 64, 64)
+    explain(model, x, "layer3")
+    assert _same(before, _state(model))
+    with pytest.raises(UsageError):
+        explain(model, x, "layer3", class_ids=[5000])  # fails inside the forward pass
+    assert _same(before, _state(model))
+    assert model.training and not model.layer2.training and model.layer3.training
+
+
+def test_unknown_layer_suggests_close_names() -> None:
+    model = get_model("resnet18", weights=None)
+    with pytest.raises(UsageError, match="did you mean layer4"):
+        explain(model, torch.randn(1, 3, 64, 64), "layer44")

@@ -1,0 +1,96 @@
+"""Maps against the papers' definitions on a network small enough to compute by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradcam_cli import explain
+from gradcam_cli.methods import gradcam, upsample
+
+
+class Tiny(nn.Module):
+    """x (1x1x2x2) → 1x1 conv to 2 channels [w=1, w=-1] → ReLU-type → mean pool → linear."""
+
+    def __init__(self, activation: str = "module") -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1, bias=False)
+        self.relu = nn.ReLU6() if activation == "relu6" else nn.ReLU()
+        self.activation = activation
+        self.fc = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+            self.fc.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, -1.0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv(x)
+        r = {"module": self.relu, "relu6": self.relu, "F.relu": F.relu, "torch.relu": torch.relu,
+             "Tensor.relu": lambda t: t.relu(), "inplace": lambda t: F.relu(t, inplace=True),
+             "relu_": lambda t: t.relu_()}[self.activation](a)
+        return self.fc(r.mean(dim=(2, 3)))
+
+
+X = torch.tensor([[[[1.0, -2.0], [3.0, 0.0]]]])
+# By hand, for class 1 (logits: class 0 = 1·1 + 2·0.5 = 2, class 1 = 3·1 - 1·0.5 = 2.5):
+# A0 = x, A1 = -x; dL/dR0 = 3/4, dL/dR1 = -1/4 everywhere; masks A0>0 = [[1,0],[1,0]],
+# A1>0 = [[0,1],[0,0]].
+VANILLA = [[0.75, 0.25], [0.75, 0.0]]   # 0.75·mask0 - (-0.25)·mask1
+GUIDED = [[0.75, 0.0], [0.75, 0.0]]     # the negative -0.25 through channel 1 is cut
+DECONV = [[0.75, 0.75], [0.75, 0.75]]   # relu(0.75) everywhere on channel 0, relu(-0.25)=0
+# Grad-CAM on conv: α0 = mean(0.75·mask0) = 0.375, α1 = mean(-0.25·mask1) = -0.0625;
+# relu(0.375·x + 0.0625·x) = 0.4375·relu(x).
+CAM_CONV = [[0.4375, 0.0], [1.3125, 0.0]]
+# Grad-CAM on the activation: α = (0.75, -0.25); relu(0.75·R0 - 0.25·R1).
+CAM_RELU = [[0.75, 0.0], [2.25, 0.0]]
+
+
+@pytest.mark.parametrize("activation", ["module", "relu6", "F.relu", "torch.relu",
+                                        "Tensor.relu", "inplace", "relu_"])
+def test_tiny_network_maps_match_hand_computation(activation: str) -> None:
+    result = explain(Tiny(activation), X, "conv", topk=1)
+    assert result.classes.tolist() == [[1]]
+    maps = {m: result.maps[m][0, 0, 0] for m in result.maps}
+    assert torch.allclose(maps["vanilla"], torch.tensor(VANILLA))
+    assert torch.allclose(maps["guided"], torch.tensor(GUIDED))
+    assert torch.allclose(maps["deconv"], torch.tensor(DECONV))
+    assert torch.allclose(maps["gradcam"], torch.tensor(CAM_CONV))
+    assert torch.allclose(maps["guided-gradcam"], torch.tensor(GUIDED) * torch.tensor(CAM_CONV))
+
+
+def test_gradcam_on_activation_layer_matches_hand_computation() -> None:
+    result = explain(Tiny(), X, "relu", class_ids=[1], methods=["gradcam"])
+    assert torch.allclose(result.maps["gradcam"][0, 0, 0], torch.tensor(CAM_RELU))
+
+
+def test_relu6_upper_bound_blocks_gradient() -> None:
+    """Above 6 a ReLU6 passes no gradient under the rules that keep the forward mask."""
+    x = X * 10  # every positive pre-activation (10, 30 on channel 0; 20 on channel 1) exceeds 6
+    for activation, blocked in (("relu6", True), ("module", False)):
+        result = explain(Tiny(activation), x, "conv", class_ids=[1], methods=["vanilla", "guided"])
+        for method in ("vanilla", "guided"):
+            assert bool((result.maps[method] == 0).all()) is blocked
+
+
+def test_gradcam_is_relu_of_weighted_sum_and_upsampled() -> None:
+    acts = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[4.0, 3.0], [2.0, 1.0]]]])
+    grads = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]], [[-2.0, -2.0], [-2.0, -2.0]]]])
+    # α = (1, -2): 1·A0 - 2·A1 = [[-7, -4], [-1, 2]] → relu → [[0, 0], [0, 2]]
+    cam = gradcam(acts, grads, (2, 2))
+    assert cam[0, 0].tolist() == [[0.0, 0.0], [0.0, 2.0]]
+    big = gradcam(acts, grads, (4, 4))
+    assert big.shape == (1, 1, 4, 4)
+    assert torch.allclose(big, upsample(cam[:, 0], (4, 4)))
+    assert big[0, 0, -1, -1] == 2.0 and big[0, 0, 0, 0] == 0.0
+
+
+def test_gradcam_folds_vit_tokens_and_channels_last() -> None:
+    grid = torch.rand(1, 5, 3, 3)
+    grads = torch.rand(1, 5, 3, 3) - 0.3
+    expected = gradcam(grid, grads, (6, 6))
+    tokens = torch.cat([torch.rand(1, 1, 5), grid.flatten(2).transpose(1, 2)], dim=1)
+    token_grads = torch.cat([torch.rand(1, 1, 5), grads.flatten(2).transpose(1, 2)], dim=1)
+    assert torch.allclose(gradcam(tokens, token_grads, (6, 6)), expected)
+    nhwc = gradcam(grid.permute(0, 2, 3, 1), grads.permute(0, 2, 3, 1), (6, 6))
+    assert torch.allclose(nhwc, expected)

@@ -1,0 +1,133 @@
+"""Model loading: names, weights, checkpoints, labels, preprocessing and layers."""
+
+from __future__ import annotations
+
+import pickle
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from safetensors.torch import save_file
+from torchvision.models import get_model, get_model_weights
+
+from gradcam_cli import ARCHITECTURES, UsageError, load_model
+from gradcam_cli.models import default_layer, find_layer, spatial_layers
+
+from .conftest import SAMPLES
+
+
+def test_every_torchvision_classifier_is_offered() -> None:
+    assert set(ARCHITECTURES) == set(torchvision.models.list_models(module=torchvision.models))
+    assert len(ARCHITECTURES) >= 80
+
+
+def test_unknown_arch_suggests_closest() -> None:
+    with pytest.raises(UsageError, match="did you mean resnet152"):
+        load_model("resnet125", "none")
+
+
+def test_unknown_weights_name_lists_choices() -> None:
+    with pytest.raises(UsageError, match="IMAGENET1K_V1"):
+        load_model("resnet18", "IMAGENET_V9")
+
+
+def test_none_weights_keep_imagenet_names_and_preprocessing() -> None:
+    model = load_model("resnet50", "none")
+    meta = get_model_weights("resnet50").DEFAULT
+    assert model.categories == list(meta.meta["categories"])
+    assert (model.preprocess.resize, model.preprocess.crop) == (232, 224)
+    assert model.weights == "none" and not model.module.training
+
+
+def test_preprocessing_equals_torchvision_transforms() -> None:
+    image = Image.open(SAMPLES / "coffee.png").convert("RGB")
+    for arch in ("resnet18", "efficientnet_b0", "inception_v3"):
+        ours = load_model(arch, "none").preprocess
+        expected = get_model_weights(arch).DEFAULT.transforms()(image)
+        assert torch.allclose(ours.to_tensor(ours.crop_image(image)), expected, atol=1e-6)
+
+
+def test_download_failure_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*_a: object, **_k: object) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
+    with pytest.raises(UsageError) as info:
+        load_model("resnet18")
+    message = str(info.value)
+    assert "--weights PATH" in message and "TORCH_HOME" in message and "--weights none" in message
+
+
+@pytest.mark.parametrize("layout", ["plain", "state_dict", "model", "dataparallel", "safetensors"])
+def test_checkpoints_load(tmp_path: Path, layout: str) -> None:
+    source = get_model("resnet18", weights=None, num_classes=5)
+    state = source.state_dict()
+    if layout == "safetensors":
+        path = tmp_path / "m.safetensors"
+        save_file(state, str(path))
+    else:
+        path = tmp_path / "m.pt"
+        wrapped = {"plain": state, "state_dict": {"state_dict": state, "epoch": 3},
+                   "model": {"model": state},
+                   "dataparallel": {f"module.{k}": v for k, v in state.items()}}[layout]
+        torch.save(wrapped, path)
+    model = load_model("resnet18", str(path), num_classes=5)
+    assert model.categories == [f"class {i}" for i in range(5)]
+    assert torch.equal(model.module.fc.weight, source.fc.weight)
+
+
+def test_checkpoint_with_code_is_refused(tmp_path: Path) -> None:
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (print, ("this ran",))
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"state_dict": Payload()}))
+    with pytest.raises(UsageError, match="--unsafe-load"):
+        load_model("resnet18", str(path))
+
+
+def test_mismatched_checkpoint_lists_keys_and_shapes(tmp_path: Path) -> None:
+    path = tmp_path / "ten.pth"
+    torch.save(get_model("resnet18", weights=None, num_classes=10).state_dict(), path)
+    with pytest.raises(UsageError, match=r"fc.weight: checkpoint \(10, 512\) vs model \(1000, 512\)"):
+        load_model("resnet18", str(path))
+
+
+def test_labels_file(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pt"
+    torch.save(get_model("resnet18", weights=None, num_classes=3).state_dict(), path)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\n\nbird\n")
+    assert load_model("resnet18", str(path), 3, labels).categories == ["cat", "dog", "bird"]
+    labels.write_text("cat\ndog\n")
+    with pytest.raises(UsageError, match="2 names for a head of 3"):
+        load_model("resnet18", str(path), 3, labels)
+
+
+@pytest.mark.parametrize("arch,expected", [
+    ("resnet18", "layer4"), ("vgg11", "features"), ("alexnet", "features"),
+    ("densenet121", "features"), ("inception_v3", "Mixed_7c"), ("googlenet", "inception5b"),
+    ("squeezenet1_0", "features"), ("mobilenet_v3_small", "features"),
+    ("efficientnet_b0", "features"), ("shufflenet_v2_x0_5", "conv5"), ("mnasnet0_5", "layers"),
+    ("regnet_x_400mf", "trunk_output"), ("convnext_tiny", "features"), ("swin_t", "features"),
+    ("maxvit_t", "blocks.3"), ("vit_b_16", "encoder.layers.encoder_layer_11.ln_1"),
+])
+def test_default_layer_is_last_spatial_block(arch: str, expected: str) -> None:
+    model = load_model(arch, "none")
+    assert default_layer(arch, model.module, model.preprocess.crop) == expected
+
+
+def test_spatial_layers_have_shapes_and_skip_pooling() -> None:
+    model = get_model("resnet18", weights=None)
+    layers = dict(spatial_layers(model, 224))
+    assert layers["layer4"] == (1, 512, 7, 7) and layers["layer1"] == (1, 64, 56, 56)
+    assert "maxpool" not in layers and "avgpool" not in layers and "fc" not in layers
+
+
+def test_find_layer_refuses_unknown_with_matches() -> None:
+    model = get_model("vgg11", weights=None)
+    assert find_layer(model, "features.18") is model.features[18]
+    with pytest.raises(UsageError, match=r"features\.18"):
+        find_layer(model, "feature.18")
