@@ -18,7 +18,6 @@ setup(
         "torch>=2.0",
         "torchvision>=0.15",
         "click>=8.0",
-        "opencv-python-headless>=4.5",
         "matplotlib>=3.5",
         "tqdm>=4.60",
         "pillow>=9.1",

@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import click
 import torch
+from tqdm import tqdm
 
 from . import __version__
 from .errors import GradcamError, UsageError
+from .inputs import expand, parse_shard, read_image_list
+from .inputs import shard as select
 from .methods import METHODS
 from .models import ARCHITECTURES, default_layer, load_model, spatial_layers
 from .pipeline import classify as classify_images
 
-EXIT_CODES = """Exit codes: 0 every image done; 1 at least one image failed;
-2 usage error (bad option, unknown architecture, weights or layer)."""
+EXIT_CODES = """Exit codes: 0 every image done (or skipped); 1 at least one image failed, or an
+output could not be written; 2 usage error (bad option, unknown architecture, weights or layer),
+found before any image is processed; 130 interrupted by Ctrl-C."""
 
 
 class Group(click.Group):
@@ -67,8 +77,9 @@ def main() -> None:
 
 @main.command(epilog=EXIT_CODES)
 @model_options
-@click.option("--image-path", "images", multiple=True, required=True, metavar="FILE",
-              help="An image to explain; repeat for several.")
+@click.option("--image-path", "images", multiple=True, metavar="PATH",
+              help="An image, a folder (searched recursively) or a glob; repeatable.")
+@click.option("--image-list", metavar="FILE", help="Read image paths, one per line, from FILE (- for stdin).")
 @click.option("--topk", default=3, show_default=True, type=click.IntRange(min=1),
               help="Explain each image's k most probable classes.")
 @click.option("--class-id", "class_ids", multiple=True, type=click.IntRange(min=0),
@@ -81,29 +92,61 @@ def main() -> None:
               help="Folder for the PNGs and JSON summaries.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Images per forward pass.")
+@click.option("--skip-existing", is_flag=True,
+              help="Skip images whose outputs are all present (resume an interrupted run).")
+@click.option("--shard", metavar="I/N", help="Process only the I-th of N disjoint parts of the inputs.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON record per image on stdout instead of a table.")
+              help="Print one JSON record per image on stdout (JSON lines) instead of a table.")
+@click.option("--progress/--quiet", default=None,
+              help="Progress bar on stderr (default: when stderr is a terminal).")
 def classify(arch: str, weights: str, num_classes: int | None, labels: str | None,
-             unsafe_load: bool, cuda: bool | None, images: tuple[str, ...], topk: int,
-             class_ids: tuple[int, ...], layer: str | None, methods: tuple[str, ...],
-             output_dir: str, batch_size: int, as_json: bool) -> None:
+             unsafe_load: bool, cuda: bool | None, images: tuple[str, ...], image_list: str | None,
+             topk: int, class_ids: tuple[int, ...], layer: str | None, methods: tuple[str, ...],
+             output_dir: str, batch_size: int, skip_existing: bool, shard: str | None,
+             as_json: bool, progress: bool | None) -> None:
     """Explain the top-k classes of a classifier with five maps per class."""
+    paths = [*images, *(read_image_list(image_list) if image_list else [])]
+    if not paths:
+        raise UsageError("no images: give --image-path PATH or --image-list FILE")
+    part = parse_shard(shard)
     model = load_model(arch, weights, num_classes, labels, unsafe_load, pick_device(cuda))
     if layer is None:
         layer = default_layer(arch, model.module, model.preprocess.crop)
-        click.echo(f"gradcam: target layer {layer} (default for {arch}; change with --layer)",
-                   err=True)
-    failed = 0
-    for record in classify_images(model, list(images), output_dir, layer, topk, class_ids,
-                                  methods or METHODS, batch_size):
-        if record["status"] == "error":
-            failed += 1
-            click.echo(f"gradcam: error: {record['error']}", err=True)
-        if as_json:
-            click.echo(json.dumps(record, sort_keys=True, ensure_ascii=False))
-        elif record["status"] == "ok":
-            _print_table(record)
-    raise SystemExit(1 if failed else 0)
+        click.echo(f"gradcam: target layer {layer} (default for {arch}; change with --layer)", err=True)
+    items = select(expand(paths), part)
+    records = classify_images(model, items, output_dir, layer, topk, class_ids,
+                              methods or METHODS, batch_size, skip_existing)
+    show = sys.stderr.isatty() if progress is None else progress
+    counts = Counter()
+    start = time.perf_counter()
+    with stop_on_interrupt() as stopped, tqdm(total=len(items), unit="img", disable=not show,
+                                              file=sys.stderr) as bar:
+        for record in records:
+            counts[record["status"]] += 1
+            bar.update()
+            if record["status"] == "error":
+                click.echo(f"gradcam: error: {record['error']}", err=True)
+            if as_json:
+                click.echo(json.dumps(record, sort_keys=True, ensure_ascii=False))
+            elif record["status"] == "ok":
+                _print_table(record)
+            if stopped():
+                break
+        records.close()
+    click.echo(f"gradcam: {counts['ok']} done, {counts['skipped']} skipped, {counts['error']} failed"
+               f"{', interrupted' if stopped() else ''} in {time.perf_counter() - start:.1f} s", err=True)
+    raise SystemExit(130 if stopped() else 1 if counts["error"] else 0)
+
+
+@contextmanager
+def stop_on_interrupt() -> Iterator[Callable[[], bool]]:
+    """Turn Ctrl-C into a flag the loop checks between images, so no file is left half-written."""
+    flag = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: flag.set())
+    try:
+        yield flag.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _print_table(record: dict) -> None:

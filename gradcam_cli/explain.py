@@ -11,6 +11,7 @@ from torch import nn
 from . import methods as M
 from .engine import ForwardPass, forward_pass
 from .errors import UsageError
+from .layout import to_nchw
 from .models import find_layer
 
 
@@ -70,6 +71,7 @@ def _explain_class(fp: ForwardPass, classes: torch.Tensor, layer: str,
         grads = dict(zip(plain, fp.gradients(score, "plain", [wrt[name] for name in plain])))
         maps.update(grads)
         if "gradcam" in grads:
+            _require_gradient(grads["gradcam"], layer)
             maps["gradcam"] = M.gradcam(fp.activations[layer].detach(), grads["gradcam"], size)
     for method in ("guided", "deconv"):
         if method in wanted:
@@ -77,3 +79,12 @@ def _explain_class(fp: ForwardPass, classes: torch.Tensor, layer: str,
     if "guided-gradcam" in wanted:
         maps["guided-gradcam"] = M.guided_gradcam(maps["guided"], maps["gradcam"])
     return {m: maps[m].detach() for m in methods}
+
+
+def _require_gradient(grads: torch.Tensor, layer: str) -> None:
+    """Refuse a layer whose spatial gradient is identically zero instead of drawing blank maps."""
+    if not to_nchw(grads).any():
+        raise UsageError(
+            f"--layer {layer}: the class score's gradient is zero at every position of this layer "
+            "(its output does not reach the score, e.g. it comes after the last use of the "
+            "features, or only a class token is used); choose an earlier layer from `gradcam layers`")

@@ -11,8 +11,11 @@ Output layout, one folder per image and model/layer (names sort by rank)::
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import torch
@@ -20,6 +23,7 @@ from PIL import Image
 
 from .errors import InputError
 from .explain import Explanation, explain
+from .inputs import BadInput
 from .io import atomic_write, image_id, json_bytes, load_image, png_bytes, prepare_output_dir, slug
 from .methods import METHODS
 from .models import LoadedModel, default_layer, find_layer
@@ -33,34 +37,79 @@ def resolve_layer(model: LoadedModel, layer: str | None) -> str:
     return name
 
 
-def classify(model: LoadedModel, images: Sequence[str | Path], output_dir: str | Path = "results",
+Item = Union[str, Path, BadInput]
+Loaded = Union[tuple[Path, Image.Image], dict]
+
+
+def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path = "results",
              layer: str | None = None, topk: int = 3, class_ids: Sequence[int] = (),
-             methods: Sequence[str] = METHODS, batch_size: int = 8) -> Iterator[dict]:
+             methods: Sequence[str] = METHODS, batch_size: int = 8,
+             skip_existing: bool = False) -> Iterator[dict]:
     """Explain each image's top-k (or chosen) classes; yield one record per image, in order.
 
-    A record has ``status`` "ok" (with classes, probabilities and files written) or "error"
-    (with the reason); one bad image never stops the others.
+    A record's ``status`` is "ok" (classes, probabilities, files written), "skipped"
+    (``skip_existing`` and its outputs are all there) or "error" (the reason); one bad image
+    never stops the others. Images are decoded in a background thread one batch ahead, and
+    each batch's files are written before the next is explained, so memory stays flat.
     """
     out = prepare_output_dir(Path(output_dir))
     layer = resolve_layer(model, layer)
     device = next(model.module.parameters()).device
-    for start in range(0, len(images), batch_size):
-        loaded: list[tuple[str | Path, Image.Image] | dict] = []
-        for path in images[start:start + batch_size]:
-            try:
-                loaded.append((path, model.preprocess.crop_image(load_image(path))))
-            except InputError as exc:
-                loaded.append({"image": str(path), "status": "error", "error": str(exc)})
-        good = [item for item in loaded if isinstance(item, tuple)]
+    todo = []
+    for item in images:
+        done = _existing(out, model.arch, layer, item) if skip_existing else None
+        todo.append(done or item)
+    for batch in _prefetch(model, todo, batch_size):
+        good = [item for item in batch if isinstance(item, tuple)]
         if good:
-            batch = torch.stack([model.preprocess.to_tensor(crop) for _, crop in good]).to(device)
-            result = explain(model.module, batch, layer, topk, class_ids, methods)
-        done = iter(range(len(good)))
-        for item in loaded:
+            x = torch.stack([model.preprocess.to_tensor(crop) for _, crop in good]).to(device)
+            result = explain(model.module, x, layer, topk, class_ids, methods)
+        index = iter(range(len(good)))
+        for item in batch:
             if isinstance(item, dict):
                 yield item
             else:
-                yield _write_image(model, item[0], np.asarray(item[1]), result, next(done), out)
+                yield _write_image(model, item[0], np.asarray(item[1]), result, next(index), out)
+
+
+def _existing(out: Path, arch: str, layer: str, item: Item) -> dict | None:
+    """A "skipped" record when an earlier run left this image's summary and every file in it."""
+    if isinstance(item, BadInput):
+        return None
+    summary = out / image_id(item) / f"{arch}@{layer}" / "summary.json"
+    try:
+        record = json.loads(summary.read_text())
+    except (OSError, ValueError):
+        return None
+    files = [record["grid"], *(f for c in record["classes"] for f in c["maps"].values())]
+    if all(Path(f).is_file() for f in files):
+        return {"image": str(item), "status": "skipped", "summary": str(summary)}
+    return None
+
+
+def _load(model: LoadedModel, item: Item | dict) -> Loaded:
+    """Decode and crop one image, or turn its failure into an error record."""
+    if isinstance(item, dict):
+        return item
+    if isinstance(item, BadInput):
+        return {"image": item.path, "status": "error", "error": item.reason}
+    try:
+        return Path(item), model.preprocess.crop_image(load_image(item))
+    except InputError as exc:
+        return {"image": str(item), "status": "error", "error": str(exc)}
+
+
+def _prefetch(model: LoadedModel, items: Sequence[Item | dict],
+              batch_size: int) -> Iterator[list[Loaded]]:
+    """Yield decoded batches, decoding the next one in a background thread meanwhile."""
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for batch in [*batches, None]:
+            ready = pending.result() if pending else None
+            pending = pool.submit(lambda b: [_load(model, i) for i in b], batch) if batch else None
+            if ready is not None:
+                yield ready
 
 
 def _write_image(model: LoadedModel, path: str | Path, crop: np.ndarray, result: Explanation,

@@ -40,5 +40,6 @@ def make_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (64, 48)) 
     h, w = size[1], size[0]
     ramp = np.linspace(0, 255, w * h).reshape(h, w)
     rgb = np.stack([ramp, ramp[::-1], np.full_like(ramp, 128)], axis=-1).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).convert(mode).save(path)
     return path

@@ -117,3 +117,25 @@ def test_unknown_layer_suggests_close_names() -> None:
     model = get_model("resnet18", weights=None)
     with pytest.raises(UsageError, match="did you mean layer4"):
         explain(model, torch.randn(1, 3, 64, 64), "layer44")
+
+
+class Detour(nn.Module):
+    """A network with a spatial branch whose output never reaches the score."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.unused = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv(x)
+        self.unused(a)
+        return self.fc(a.mean(dim=(2, 3)))
+
+
+def test_layer_without_gradient_is_explained_not_drawn_blank() -> None:
+    x = torch.randn(1, 3, 8, 8)
+    assert explain(Detour(), x, "conv", topk=1).maps["gradcam"].shape == (1, 1, 1, 8, 8)
+    with pytest.raises(UsageError, match="gradient is zero at every position"):
+        explain(Detour(), x, "unused", topk=1)

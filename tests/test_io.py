@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gradcam_cli import InputError, UsageError
+from gradcam_cli import GradcamError, InputError, UsageError
 from gradcam_cli.io import atomic_write, image_id, load_image, prepare_output_dir
 
 from .conftest import make_image
@@ -93,7 +93,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path, monkeypatch: pyt
     def full(*_a: object) -> None:
         raise OSError(28, "No space left on device")
     monkeypatch.setattr("os.replace", full)
-    with pytest.raises(OSError):
+    with pytest.raises(GradcamError, match=r"map\.png: No space left on device"):
         atomic_write(target, b"new content")
     assert target.read_bytes() == b"old"
     assert [p.name for p in target.parent.iterdir()] == ["map.png"]
@@ -105,3 +105,9 @@ def test_output_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="existing file"):
         prepare_output_dir(file)
     assert prepare_output_dir(tmp_path / "new" / "dir").is_dir()
+
+
+def test_unwritable_output_dir_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.access", lambda *_a: False)  # root writes anywhere, so simulate
+    with pytest.raises(UsageError, match="not writable"):
+        prepare_output_dir(tmp_path)
