@@ -87,4 +87,5 @@ def _require_gradient(grads: torch.Tensor, layer: str) -> None:
         raise UsageError(
             f"--layer {layer}: the class score's gradient is zero at every position of this layer "
             "(its output does not reach the score, e.g. it comes after the last use of the "
-            "features, or only a class token is used); choose an earlier layer from `gradcam layers`")
+            "features, or only a class token is used, or the score does not depend on the input "
+            "at all); choose an earlier layer from `gradcam layers`")

@@ -87,11 +87,19 @@ def _is_checkpoint(weights: str) -> bool:
 
 
 def _build(arch: str, num_classes: int) -> nn.Module:
-    """Build a randomly initialised network; deterministic so that runs repeat exactly."""
+    """Build a randomly initialised network; deterministic so that runs repeat exactly.
+
+    torchvision starts some heads at zero (ViT), which would make every logit constant and
+    every map blank; those are drawn at random instead (a checkpoint overwrites them anyway).
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         extra = {"init_weights": True} if arch in ("googlenet", "inception_v3") else {}
-        return get_model(arch, weights=None, num_classes=num_classes, **extra)
+        module = get_model(arch, weights=None, num_classes=num_classes, **extra)
+        for layer in module.modules():
+            if isinstance(layer, nn.Linear) and not layer.weight.any():
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+        return module
 
 
 def _download(arch: str, weights: torchvision.models.WeightsEnum) -> nn.Module:

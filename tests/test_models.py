@@ -131,3 +131,11 @@ def test_find_layer_refuses_unknown_with_matches() -> None:
     assert find_layer(model, "features.18") is model.features[18]
     with pytest.raises(UsageError, match=r"features\.18"):
         find_layer(model, "feature.18")
+
+
+def test_zero_initialised_heads_are_drawn_at_random() -> None:
+    """torchvision starts ViT's head at zero: every logit equal, every map blank."""
+    assert not get_model("vit_b_32", weights=None).heads.head.weight.any()
+    model = load_model("vit_b_32", "none").module
+    assert model.heads.head.weight.any()
+    assert torch.equal(model.heads.head.weight, load_model("vit_b_32", "none").module.heads.head.weight)
