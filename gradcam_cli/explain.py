@@ -23,7 +23,7 @@ class Explanation:
     classes: torch.Tensor
     maps: dict[str, torch.Tensor]
     layer: str
-    gates: int
+    gates: int | None  # ReLU-type activations found; None when no guided/deconv map was asked
 
 
 def choose_classes(probabilities: torch.Tensor, topk: int,
@@ -53,7 +53,7 @@ def explain(module: nn.Module, inputs: torch.Tensor, layer: str, topk: int = 3,
         probabilities = fp.logits.detach().float().softmax(dim=1)
         classes = choose_classes(probabilities, topk, class_ids)
         ranks = [_explain_class(fp, classes[:, k], layer, methods) for k in range(classes.shape[1])]
-        gates = len(fp.gates)
+        gates = len(fp.gates) if {"guided", "deconv", "guided-gradcam"} & set(methods) else None
     maps = {m: torch.stack([r[m] for r in ranks], dim=1) for m in methods}
     return Explanation(probabilities, classes, maps, layer, gates)
 
