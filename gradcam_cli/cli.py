@@ -22,6 +22,7 @@ from .inputs import shard as select
 from .methods import METHODS
 from .models import ARCHITECTURES, default_layer, load_model, spatial_layers
 from .pipeline import classify as classify_images
+from .pipeline import resolve_layer
 
 EXIT_CODES = """Exit codes: 0 every image done (or skipped); 1 at least one image failed, or an
 output could not be written; 2 usage error (bad option, unknown architecture, weights or layer),
@@ -110,11 +111,11 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
         raise UsageError("no images: give --image-path PATH or --image-list FILE")
     part = parse_shard(shard)
     model = load_model(arch, weights, num_classes, labels, unsafe_load, pick_device(cuda))
+    chosen = resolve_layer(model, layer)
     if layer is None:
-        layer = default_layer(arch, model.module, model.preprocess.crop)
-        click.echo(f"gradcam: target layer {layer} (default for {arch}; change with --layer)", err=True)
+        click.echo(f"gradcam: target layer {chosen} (default for {arch}; change with --layer)", err=True)
     items = select(expand(paths), part)
-    records = classify_images(model, items, output_dir, layer, topk, class_ids,
+    records = classify_images(model, items, output_dir, chosen, topk, class_ids,
                               methods or METHODS, batch_size, skip_existing)
     show = sys.stderr.isatty() if progress is None else progress
     counts = Counter()
