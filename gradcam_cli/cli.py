@@ -115,13 +115,13 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
     if layer is None:
         click.echo(f"gradcam: target layer {chosen} (default for {arch}; change with --layer)", err=True)
     items = select(expand(paths), part)
-    records = classify_images(model, items, output_dir, chosen, topk, class_ids,
-                              methods or METHODS, batch_size, skip_existing)
     show = sys.stderr.isatty() if progress is None else progress
     counts = Counter()
     start = time.perf_counter()
     with stop_on_interrupt() as stopped, tqdm(total=len(items), unit="img", disable=not show,
                                               file=sys.stderr) as bar:
+        records = classify_images(model, items, output_dir, chosen, topk, class_ids,
+                                  methods or METHODS, batch_size, skip_existing, stop=stopped)
         for record in records:
             counts[record["status"]] += 1
             bar.update()
@@ -131,9 +131,6 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
                 click.echo(json.dumps(record, sort_keys=True, ensure_ascii=False))
             elif record["status"] == "ok":
                 _print_table(record)
-            if stopped():
-                break
-        records.close()
     click.echo(f"gradcam: {counts['ok']} done, {counts['skipped']} skipped, {counts['error']} failed"
                f"{', interrupted' if stopped() else ''} in {time.perf_counter() - start:.1f} s", err=True)
     raise SystemExit(130 if stopped() else 1 if counts["error"] else 0)
@@ -141,11 +138,22 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
 
 @contextmanager
 def stop_on_interrupt() -> Iterator[Callable[[], bool]]:
-    """Turn Ctrl-C into a flag the loop checks between images, so no file is left half-written."""
+    """Turn Ctrl-C into a flag checked between batches; a second Ctrl-C stops at once.
+
+    Either way no file is left half-written (every write is a rename of a complete file).
+    """
     flag = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: flag.set())
+
+    def interrupt(*_: object) -> None:
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+
+    previous = signal.signal(signal.SIGINT, interrupt)
     try:
         yield flag.is_set
+    except KeyboardInterrupt:
+        pass
     finally:
         signal.signal(signal.SIGINT, previous)
 

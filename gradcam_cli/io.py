@@ -86,9 +86,13 @@ def atomic_write(path: Path, data: bytes) -> Path:
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
-    """Encode an HxWx3 uint8 array as PNG (no timestamps, so identical input → identical bytes)."""
+    """Encode an HxWx3 uint8 array as PNG (no timestamps, so identical input → identical bytes).
+
+    zlib level 1 writes files about 15% larger than the default level 6 in a quarter of the time,
+    which matters when thousands of maps are written.
+    """
     buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
+    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 

@@ -12,7 +12,7 @@ Output layout, one folder per image and model/layer (names sort by rank)::
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Union
@@ -27,7 +27,7 @@ from .inputs import BadInput
 from .io import atomic_write, image_id, json_bytes, load_image, png_bytes, prepare_output_dir, slug
 from .methods import METHODS
 from .models import LoadedModel, default_layer, find_layer
-from .render import grid_png, map_image
+from .render import grid_image, map_image
 
 
 def resolve_layer(model: LoadedModel, layer: str | None) -> str:
@@ -44,13 +44,17 @@ Loaded = Union[tuple[Path, Image.Image], dict]
 def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path = "results",
              layer: str | None = None, topk: int = 3, class_ids: Sequence[int] = (),
              methods: Sequence[str] = METHODS, batch_size: int = 8,
-             skip_existing: bool = False) -> Iterator[dict]:
+             skip_existing: bool = False, stop: Callable[[], bool] = lambda: False
+             ) -> Iterator[dict]:
     """Explain each image's top-k (or chosen) classes; yield one record per image, in order.
 
     A record's ``status`` is "ok" (classes, probabilities, files written), "skipped"
     (``skip_existing`` and its outputs are all there) or "error" (the reason); one bad image
-    never stops the others. Images are decoded in a background thread one batch ahead, and
-    each batch's files are written before the next is explained, so memory stays flat.
+    never stops the others. Images are decoded in a background thread one batch ahead, and a
+    batch's files are rendered and written in another thread while the next batch is
+    explained; at most three batches are in memory at once, whatever the number of images.
+    ``stop`` is asked after each batch: when it says yes, the images after that batch are
+    not started (how the CLI turns Ctrl-C into a clean stop).
     """
     out = prepare_output_dir(Path(output_dir))
     layer = resolve_layer(model, layer)
@@ -59,17 +63,31 @@ def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     for item in images:
         done = _existing(out, model.arch, layer, item) if skip_existing else None
         todo.append(done or item)
-    for batch in _prefetch(model, todo, batch_size):
-        good = [item for item in batch if isinstance(item, tuple)]
-        if good:
-            x = torch.stack([model.preprocess.to_tensor(crop) for _, crop in good]).to(device)
-            result = explain(model.module, x, layer, topk, class_ids, methods)
-        index = iter(range(len(good)))
-        for item in batch:
-            if isinstance(item, dict):
-                yield item
-            else:
-                yield _write_image(model, item[0], np.asarray(item[1]), result, next(index), out)
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for batch in _prefetch(model, todo, batch_size):
+            good = [item for item in batch if isinstance(item, tuple)]
+            result = None
+            if good:
+                x = torch.stack([model.preprocess.to_tensor(crop) for _, crop in good]).to(device)
+                result = explain(model.module, x, layer, topk, class_ids, methods)
+            written = writer.submit(_write_batch, model, batch, result, out)
+            if pending:
+                yield from pending.result()
+            pending = written
+            if stop():
+                break
+        if pending:
+            yield from pending.result()
+
+
+def _write_batch(model: LoadedModel, batch: list[Loaded], result: Explanation | None,
+                 out: Path) -> list[dict]:
+    """Write the files of a batch's explained images; pass error and skip records through."""
+    index = iter(range(len(batch)))
+    return [item if isinstance(item, dict)
+            else _write_image(model, item[0], np.asarray(item[1]), result, next(index), out)
+            for item in batch]
 
 
 def _existing(out: Path, arch: str, layer: str, item: Item) -> dict | None:
@@ -132,6 +150,6 @@ def _write_image(model: LoadedModel, path: str | Path, crop: np.ndarray, result:
               "layer": result.layer, "input_size": list(crop.shape[:2]),
               "relu_gates": result.gates, "classes": classes,
               "grid": str(folder / "grid.png"), "summary": str(folder / "summary.json")}
-    atomic_write(folder / "grid.png", grid_png(["input", *methods], rows))
+    atomic_write(folder / "grid.png", png_bytes(grid_image(["input", *methods], rows)))
     atomic_write(folder / "summary.json", json_bytes(record))
     return record

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import textwrap
 from collections.abc import Sequence
 
@@ -15,6 +14,8 @@ from matplotlib.figure import Figure
 TITLES = {"input": "input crop", "vanilla": "vanilla backprop", "guided": "guided backprop",
           "deconv": "deconvnet", "gradcam": "Grad-CAM", "guided-gradcam": "guided Grad-CAM"}
 CAM_ALPHA = 0.5
+DPI = 100
+LABEL_WIDTH, TITLE_HEIGHT, GAP = 120, 22, 4  # pixels
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
@@ -44,23 +45,31 @@ def map_image(method: str, values: torch.Tensor, crop: np.ndarray) -> np.ndarray
     return to_uint8(normalise(values))
 
 
-def grid_png(columns: Sequence[str], rows: Sequence[tuple[str, Sequence[np.ndarray]]]) -> bytes:
-    """Draw a grid: a labelled row per explained class, a titled column per picture."""
-    size = 2.2
-    fig = Figure(figsize=(size * len(columns), size * len(rows) + 0.3), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(rows), len(columns), squeeze=False)
-    for r, (label, images) in enumerate(rows):
+def grid_image(columns: Sequence[str], rows: Sequence[tuple[str, Sequence[np.ndarray]]]) -> np.ndarray:
+    """Lay pictures out at their own resolution: a labelled row per class, a titled column each.
+
+    matplotlib draws only the text on a blank canvas; the pictures are then pasted pixel for
+    pixel, so nothing is resampled and a grid costs a few milliseconds rather than a figure
+    of axes per image.
+    """
+    cell_h, cell_w = rows[0][1][0].shape[:2]
+    width = LABEL_WIDTH + len(columns) * (cell_w + GAP)
+    height = TITLE_HEIGHT + len(rows) * (cell_h + GAP)
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    canvas = FigureCanvasAgg(fig)
+    for c, column in enumerate(columns):
+        x = LABEL_WIDTH + c * (cell_w + GAP) + cell_w / 2
+        fig.text(x / width, 1 - 4 / height, TITLES.get(column, column), fontsize=9,
+                 ha="center", va="top")
+    for r, (label, _) in enumerate(rows):
+        middle = TITLE_HEIGHT + r * (cell_h + GAP) + cell_h / 2
+        wrapped = "\n".join(textwrap.fill(line, 18) for line in label.splitlines())
+        fig.text(4 / width, 1 - middle / height, wrapped, fontsize=8, va="center")
+    canvas.draw()
+    grid = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    for r, (_, images) in enumerate(rows):
+        top = TITLE_HEIGHT + r * (cell_h + GAP)
         for c, image in enumerate(images):
-            ax = axes[r][c]
-            ax.imshow(image, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(TITLES.get(columns[c], columns[c]), fontsize=9)
-        wrapped = "\n".join(textwrap.fill(line, 22) for line in label.splitlines())
-        axes[r][0].set_ylabel(wrapped, fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", metadata={"Software": None})
-    return buffer.getvalue()
+            left = LABEL_WIDTH + c * (cell_w + GAP)
+            grid[top:top + cell_h, left:left + cell_w] = image
+    return grid

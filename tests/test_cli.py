@@ -14,6 +14,7 @@ from PIL import Image
 from gradcam_cli import __version__
 from gradcam_cli.cli import main
 from gradcam_cli.methods import METHODS
+from gradcam_cli.render import GAP, LABEL_WIDTH, TITLE_HEIGHT
 
 BASE = ["classify", "--arch", "resnet18", "--weights", "none", "--no-cuda"]
 
@@ -54,7 +55,8 @@ def test_classify_writes_grid_maps_and_summary(photo: Path, tmp_path: Path) -> N
         assert set(c["maps"]) == set(METHODS)
         for path in c["maps"].values():
             assert Image.open(path).size == (224, 224)
-    assert Image.open(record["grid"]).size == (6 * 220, 2 * 220 + 30)
+    cell = 224 + GAP  # every cell at the crop's own resolution
+    assert Image.open(record["grid"]).size == (LABEL_WIDTH + 6 * cell, TITLE_HEIGHT + 2 * cell)
     assert json.loads(Path(record["summary"]).read_text()) == record
     assert not list(out_dir.rglob("*.tmp"))
 

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -122,13 +123,45 @@ def test_ctrl_c_stops_cleanly_with_130(tmp_path: Path, monkeypatch: pytest.Monke
     from gradcam_cli import pipeline
     real = pipeline._write_image
 
+    calls = []
+
     def interrupted(*args: object) -> dict:
-        os.kill(os.getpid(), signal.SIGINT)
+        if not calls:
+            os.kill(os.getpid(), signal.SIGINT)  # one Ctrl-C, during the first image
+        calls.append(args)
         return real(*args)
     monkeypatch.setattr(pipeline, "_write_image", interrupted)
-    code, out, err = run(*BASE, "--image-path", str(folder), "--output-dir", str(tmp_path / "o"))
-    assert code == 130 and "1 done, 0 skipped, 0 failed, interrupted" in err
-    assert len(out.splitlines()) == 1
+    code, out, err = run(*BASE, "--image-path", str(folder), "--output-dir", str(tmp_path / "o"),
+                         "--batch-size", "4", "--json")
+    assert code == 130 and "4 done, 0 skipped, 0 failed, interrupted" in err  # the batch finishes
+    assert len(out.splitlines()) == 4
+    assert not list((tmp_path / "o").rglob("*.tmp"))
+
+
+def test_second_ctrl_c_stops_at_once_without_partial_files(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(8):
+        make_image(folder / f"{i}.png")
+    from gradcam_cli import pipeline
+    real = pipeline._write_image
+    calls = []
+
+    def interrupted_twice(*args: object) -> dict:
+        record = real(*args)
+        if not calls:  # two presses, apart: signals sent together are delivered as one
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGINT)
+        calls.append(args)
+        return record
+    monkeypatch.setattr(pipeline, "_write_image", interrupted_twice)
+    code, out, err = run(*BASE, "--image-path", str(folder), "--output-dir", str(tmp_path / "o"),
+                         "--batch-size", "4", "--json")
+    assert code == 130 and "0 done, 0 skipped, 0 failed, interrupted" in err and out == ""
+    grids = list((tmp_path / "o").rglob("grid.png"))
+    assert grids and all((g.parent / "summary.json").is_file() for g in grids)  # whole images only
     assert not list((tmp_path / "o").rglob("*.tmp"))
 
 

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
-from PIL import Image
 
-from gradcam_cli.render import cam_overlay, grid_png, map_image, normalise
+from gradcam_cli.render import GAP, LABEL_WIDTH, TITLE_HEIGHT, cam_overlay, grid_image, map_image, normalise
 
 
 def test_normalise_spans_zero_to_one_and_handles_constants() -> None:
@@ -36,9 +33,14 @@ def test_gradient_maps_are_normalised_rgb() -> None:
     assert out.dtype == np.uint8 and out[0, 0].tolist() == [255, 0, 0]
 
 
-def test_grid_has_a_cell_per_class_and_column() -> None:
-    cell = np.full((32, 32, 3), 128, np.uint8)
-    png = grid_png(["input", "vanilla"], [("cat\np = 0.5", [cell, cell]), ("dog\np = 0.2", [cell, cell])])
-    image = Image.open(io.BytesIO(png))
-    assert image.size == (2 * 220, 2 * 220 + 30)  # 2.2-inch cells at 100 dpi, plus titles
-    assert grid_png(["input"], [("cat", [cell])]) == grid_png(["input"], [("cat", [cell])])
+def test_grid_places_each_picture_unresampled_with_titles_and_labels() -> None:
+    cells = [np.full((32, 40, 3), value, np.uint8) for value in (10, 20, 30, 40)]
+    grid = grid_image(["input", "vanilla"], [("cat\np = 0.5", cells[:2]), ("dog\np = 0.2", cells[2:])])
+    assert grid.shape == (TITLE_HEIGHT + 2 * (32 + GAP), LABEL_WIDTH + 2 * (40 + GAP), 3)
+    for i, cell in enumerate(cells):
+        top, left = TITLE_HEIGHT + (i // 2) * (32 + GAP), LABEL_WIDTH + (i % 2) * (40 + GAP)
+        assert np.array_equal(grid[top:top + 32, left:left + 40], cell)
+    assert (grid[:TITLE_HEIGHT, LABEL_WIDTH:] < 128).any()       # column titles drawn
+    assert (grid[TITLE_HEIGHT:, :LABEL_WIDTH] < 128).any()       # row labels drawn
+    assert np.array_equal(grid, grid_image(["input", "vanilla"], [("cat\np = 0.5", cells[:2]),
+                                                                  ("dog\np = 0.2", cells[2:])]))
