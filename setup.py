@@ -8,7 +8,7 @@ version = next(line.split('"')[1] for line in Path("gradcam_cli/__init__.py").re
 setup(
     name="gradcam",
     version=version,
-    description="Explain vision networks: vanilla/guided backprop, deconvnet, Grad-CAM, Guided Grad-CAM",
+    description="Explain vision networks: gradient maps and the Grad-CAM family for torchvision models",
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
     license="MIT",
@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         "safetensors": ["safetensors>=0.3"],
-        "test": ["pytest>=7", "captum>=0.7", "safetensors>=0.3", "ruff>=0.4"],
+        "test": ["pytest>=7", "captum>=0.7", "grad-cam>=1.5", "safetensors>=0.3", "ruff>=0.4"],
     },
     entry_points={"console_scripts": ["gradcam=gradcam_cli.cli:main"]},
 )

@@ -11,9 +11,9 @@ __version__ = "0.1.0"
 
 from .errors import GradcamError, InputError, UsageError
 from .explain import Explanation, explain
-from .methods import METHODS
+from .methods import DEFAULT_METHODS, METHODS
 from .models import ARCHITECTURES, LoadedModel, load_model
 from .pipeline import classify
 
-__all__ = ["ARCHITECTURES", "METHODS", "Explanation", "GradcamError", "InputError",
+__all__ = ["ARCHITECTURES", "DEFAULT_METHODS", "METHODS", "Explanation", "GradcamError", "InputError",
            "LoadedModel", "UsageError", "__version__", "classify", "explain", "load_model"]

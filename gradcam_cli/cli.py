@@ -16,10 +16,10 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .errors import GradcamError, UsageError
+from .errors import GradcamError, UsageError, unknown
 from .inputs import expand, parse_shard, read_image_list
 from .inputs import shard as select
-from .methods import METHODS
+from .methods import DEFAULT_METHODS, DESCRIPTIONS, METHODS
 from .models import ARCHITECTURES, default_layer, load_model, spatial_layers
 from .pipeline import classify as classify_images
 from .pipeline import resolve_layer
@@ -46,6 +46,15 @@ def pick_device(cuda: bool | None) -> torch.device:
     if cuda and not available:
         raise UsageError("--cuda: no CUDA device is available here; use --no-cuda")
     return torch.device("cuda" if (available if cuda is None else cuda) else "cpu")
+
+
+def split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Accept --method repeated or comma-separated; refuse unknown names with a suggestion."""
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    for name in names:
+        if name not in METHODS:
+            raise unknown("method", name, METHODS)
+    return tuple(dict.fromkeys(names))
 
 
 def model_options(command: Callable) -> Callable:
@@ -87,12 +96,14 @@ def main() -> None:
               help="Explain this class instead of the top-k; repeatable.")
 @click.option("--layer", help="Target layer for Grad-CAM, dotted (layer4, features.28); "
                               "default: the architecture's last spatial block.")
-@click.option("--method", "methods", multiple=True, type=click.Choice(METHODS),
-              help="Maps to compute; repeatable (default: all five).")
+@click.option("--method", "methods", multiple=True, callback=lambda _c, _p, v: split_methods(v),
+              help="Maps to compute, comma-separated or repeated (default: the five of "
+                   "`classify`); `gradcam methods` lists them.")
 @click.option("--output-dir", default="results", show_default=True, type=click.Path(),
               help="Folder for the PNGs and JSON summaries.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Images per forward pass.")
+              help="Images per forward pass; also perturbed copies per pass for Score-CAM and "
+                   "Ablation-CAM.")
 @click.option("--skip-existing", is_flag=True,
               help="Skip images whose outputs are all present (resume an interrupted run).")
 @click.option("--shard", metavar="I/N", help="Process only the I-th of N disjoint parts of the inputs.")
@@ -121,7 +132,8 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
     with stop_on_interrupt() as stopped, tqdm(total=len(items), unit="img", disable=not show,
                                               file=sys.stderr) as bar:
         records = classify_images(model, items, output_dir, chosen, topk, class_ids,
-                                  methods or METHODS, batch_size, skip_existing, stop=stopped)
+                                  methods or DEFAULT_METHODS, batch_size, skip_existing,
+                                  stop=stopped, progress=show)
         for record in records:
             counts[record["status"]] += 1
             bar.update()
@@ -179,6 +191,14 @@ def layers(arch: str) -> None:
     if arch.startswith("vit_"):
         click.echo(f"* {default} (token output; default, since the last block's patch tokens "
                    "get no gradient)")
+
+
+@main.command()
+def methods() -> None:
+    """List the explanation methods --method accepts, with what each one computes."""
+    for name in METHODS:
+        default = " (default)" if name in DEFAULT_METHODS else ""
+        click.echo(f"{name:<15} {DESCRIPTIONS[name]}{default}")
 
 
 @main.command()

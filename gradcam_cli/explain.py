@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import methods as M
+from . import perturb as P
 from .engine import ForwardPass, forward_pass
 from .errors import UsageError
 from .layout import to_nchw
@@ -41,12 +42,18 @@ def choose_classes(probabilities: torch.Tensor, topk: int,
 
 
 def explain(module: nn.Module, inputs: torch.Tensor, layer: str, topk: int = 3,
-            class_ids: Sequence[int] = (), methods: Sequence[str] = M.METHODS) -> Explanation:
-    """One forward pass for the batch, then per class only the backward passes ``methods`` need."""
+            class_ids: Sequence[int] = (), methods: Sequence[str] = M.DEFAULT_METHODS,
+            batch_size: int = 32, progress: bool = False) -> Explanation:
+    """One forward pass for the batch, then per class only the backward passes ``methods`` need.
+
+    Score-CAM and Ablation-CAM add forward passes per image, ``batch_size`` perturbed copies
+    at a time (with progress bars when ``progress``); one set of passes serves every class.
+    """
     unknown_methods = [m for m in methods if m not in M.METHODS]
     if unknown_methods:
         raise UsageError(f"unknown method {unknown_methods[0]!r}; choose from {', '.join(M.METHODS)}")
-    with forward_pass(module, inputs, {layer: find_layer(module, layer)}) as fp:
+    target = find_layer(module, layer)
+    with forward_pass(module, inputs, {layer: target}) as fp:
         if layer not in fp.activations:
             raise UsageError(f"--layer {layer} did not produce a tensor in the forward pass; "
                              "choose one listed by `gradcam layers`")
@@ -54,31 +61,61 @@ def explain(module: nn.Module, inputs: torch.Tensor, layer: str, topk: int = 3,
         classes = choose_classes(probabilities, topk, class_ids)
         ranks = [_explain_class(fp, classes[:, k], layer, methods) for k in range(classes.shape[1])]
         gates = len(fp.gates) if {"guided", "deconv", "guided-gradcam"} & set(methods) else None
-    maps = {m: torch.stack([r[m] for r in ranks], dim=1) for m in methods}
-    return Explanation(probabilities, classes, maps, layer, gates)
+        acts, logits = fp.activations[layer].detach(), fp.logits.detach()
+    maps = {m: torch.stack([r[m] for r in ranks], dim=1) for m in methods if m in ranks[0]}
+    size = tuple(inputs.shape[-2:])
+    if "eigencam" in methods:  # class-agnostic: one map per image, shown for every class
+        eigen = M.cam("eigencam", acts, None, size)[:, None]
+        maps["eigencam"] = eigen.expand(-1, classes.shape[1], -1, -1, -1).clone()
+    for method in M.PERTURBATION_CAMS:
+        if method in methods:
+            maps[method] = _perturbation_cam(method, module, target, inputs, acts, logits, classes,
+                                             batch_size, progress)
+    return Explanation(probabilities, classes, {m: maps[m] for m in methods}, layer, gates)
 
 
 def _explain_class(fp: ForwardPass, classes: torch.Tensor, layer: str,
                    methods: Sequence[str]) -> dict[str, torch.Tensor]:
-    """All maps for one class per image, each backward pass run once and shared."""
+    """The gradient maps for one class per image, each backward pass run once and shared."""
     score = fp.logits.gather(1, classes[:, None]).sum()  # images are independent in eval mode
     size = tuple(fp.inputs.shape[-2:])
     wanted = set(methods) | ({"guided", "gradcam"} if "guided-gradcam" in methods else set())
     maps: dict[str, torch.Tensor] = {}
-    plain = [name for name in ("vanilla", "gradcam") if name in wanted]
-    if plain:  # one plain backward pass serves vanilla backprop and Grad-CAM
-        wrt = {"vanilla": fp.inputs, "gradcam": fp.activations[layer]}
-        grads = dict(zip(plain, fp.gradients(score, "plain", [wrt[name] for name in plain])))
-        maps.update(grads)
-        if "gradcam" in grads:
-            _require_gradient(grads["gradcam"], layer)
-            maps["gradcam"] = M.gradcam(fp.activations[layer].detach(), grads["gradcam"], size)
+    cams = [m for m in M.GRADIENT_CAMS if m in wanted]
+    plain = [fp.inputs] * ("vanilla" in wanted) + [fp.activations[layer]] * bool(cams)
+    if plain:  # one plain backward pass serves vanilla backprop and every gradient CAM
+        grads = fp.gradients(score, "plain", plain)
+        if "vanilla" in wanted:
+            maps["vanilla"] = grads[0]
+        if cams:
+            _require_gradient(grads[-1], layer)
+            acts = fp.activations[layer].detach()
+            maps.update({m: M.cam(m, acts, grads[-1], size) for m in cams})
     for method in ("guided", "deconv"):
         if method in wanted:
             (maps[method],) = fp.gradients(score, M.GRADIENT_METHODS[method], [fp.inputs])
     if "guided-gradcam" in wanted:
         maps["guided-gradcam"] = M.guided_gradcam(maps["guided"], maps["gradcam"])
-    return {m: maps[m].detach() for m in methods}
+    return {m: maps[m].detach() for m in methods if m in maps}
+
+
+def _perturbation_cam(method: str, module: nn.Module, layer: nn.Module, inputs: torch.Tensor,
+                      acts: torch.Tensor, logits: torch.Tensor, classes: torch.Tensor,
+                      batch_size: int, progress: bool) -> torch.Tensor:
+    """Score-CAM or Ablation-CAM maps, NxKx1xHxW, from one CxK table of logits per image."""
+    size = tuple(inputs.shape[-2:])
+    images = []
+    for i in range(len(inputs)):
+        image, act = inputs[i:i + 1].detach(), acts[i:i + 1]
+        if method == "scorecam":
+            table = P.score_logits(module, image, act, batch_size, progress)
+            weights = table[:, classes[i]].softmax(dim=0)  # softmax over channels, per class
+        else:
+            table = P.ablation_logits(module, layer, image, batch_size, progress)
+            original = logits[i, classes[i]].float()
+            weights = (original - table[:, classes[i]]) / original
+        images.append(torch.cat([M.weighted_cam(act, w[None], size) for w in weights.T]))
+    return torch.stack(images)
 
 
 def _require_gradient(grads: torch.Tensor, layer: str) -> None:

@@ -23,16 +23,26 @@ def is_spatial(shape: torch.Size | tuple[int, ...]) -> bool:
     return len(shape) == 3 and token_grid(shape[1]) is not None
 
 
+def _channels_last(t: torch.Tensor) -> bool:
+    """Tell an NxHxWxC map (Swin) from NxCxHxW: crops are square, so a square trailing pair
+    means channels-first."""
+    return t.dim() == 4 and t.shape[2] != t.shape[3] and t.shape[1] == t.shape[2]
+
+
+def channel_axis(t: torch.Tensor) -> int:
+    """The axis of a layer output that holds its channels (1, or last for tokens and Swin)."""
+    return t.dim() - 1 if t.dim() == 3 or _channels_last(t) else 1
+
+
 def to_nchw(t: torch.Tensor) -> torch.Tensor:
     """Fold a layer output into NxCxhxw.
 
     Convolutional maps pass unchanged; channels-last maps (Swin) are permuted; token sequences
-    (ViT) lose their class token and are folded into the square patch grid.  Inputs are square
-    crops, so a square trailing pair means channels-first.
+    (ViT) lose their class token and are folded into the square patch grid, whose side is
+    read from the token count.
     """
     if t.dim() == 4:
-        channels_last = t.shape[2] != t.shape[3] and t.shape[1] == t.shape[2]
-        return t.permute(0, 3, 1, 2) if channels_last else t
+        return t.permute(0, 3, 1, 2) if _channels_last(t) else t
     grid = token_grid(t.shape[1]) if t.dim() == 3 else None
     if grid is None:
         raise ValueError(f"a layer output of shape {tuple(t.shape)} has no spatial grid")

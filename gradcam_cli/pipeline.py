@@ -25,7 +25,7 @@ from .errors import InputError
 from .explain import Explanation, explain
 from .inputs import BadInput
 from .io import atomic_write, image_id, json_bytes, load_image, png_bytes, prepare_output_dir, slug
-from .methods import METHODS
+from .methods import DEFAULT_METHODS
 from .models import LoadedModel, default_layer, find_layer
 from .render import grid_image, map_image
 
@@ -43,9 +43,9 @@ Loaded = Union[tuple[Path, Image.Image], dict]
 
 def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path = "results",
              layer: str | None = None, topk: int = 3, class_ids: Sequence[int] = (),
-             methods: Sequence[str] = METHODS, batch_size: int = 8,
-             skip_existing: bool = False, stop: Callable[[], bool] = lambda: False
-             ) -> Iterator[dict]:
+             methods: Sequence[str] = DEFAULT_METHODS, batch_size: int = 8,
+             skip_existing: bool = False, stop: Callable[[], bool] = lambda: False,
+             progress: bool = False) -> Iterator[dict]:
     """Explain each image's top-k (or chosen) classes; yield one record per image, in order.
 
     A record's ``status`` is "ok" (classes, probabilities, files written), "skipped"
@@ -54,7 +54,8 @@ def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     batch's files are rendered and written in another thread while the next batch is
     explained; at most three batches are in memory at once, whatever the number of images.
     ``stop`` is asked after each batch: when it says yes, the images after that batch are
-    not started (how the CLI turns Ctrl-C into a clean stop).
+    not started (how the CLI turns Ctrl-C into a clean stop). ``progress`` shows Score-CAM's
+    and Ablation-CAM's per-image progress bars.
     """
     out = prepare_output_dir(Path(output_dir))
     layer = resolve_layer(model, layer)
@@ -70,7 +71,7 @@ def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
             result = None
             if good:
                 x = torch.stack([model.preprocess.to_tensor(crop) for _, crop in good]).to(device)
-                result = explain(model.module, x, layer, topk, class_ids, methods)
+                result = explain(model.module, x, layer, topk, class_ids, methods, batch_size, progress)
             written = writer.submit(_write_batch, model, batch, result, out)
             if pending:
                 yield from pending.result()

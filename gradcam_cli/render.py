@@ -12,7 +12,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 TITLES = {"input": "input crop", "vanilla": "vanilla backprop", "guided": "guided backprop",
-          "deconv": "deconvnet", "gradcam": "Grad-CAM", "guided-gradcam": "guided Grad-CAM"}
+          "deconv": "deconvnet", "gradcam": "Grad-CAM", "guided-gradcam": "guided Grad-CAM",
+          "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "Layer-CAM",
+          "hirescam": "HiResCAM", "eigencam": "Eigen-CAM", "scorecam": "Score-CAM",
+          "ablationcam": "Ablation-CAM"}
 CAM_ALPHA = 0.5
 DPI = 100
 LABEL_WIDTH, TITLE_HEIGHT, GAP = 120, 22, 4  # pixels

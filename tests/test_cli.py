@@ -13,7 +13,7 @@ from PIL import Image
 
 from gradcam_cli import __version__
 from gradcam_cli.cli import main
-from gradcam_cli.methods import METHODS
+from gradcam_cli.methods import DEFAULT_METHODS, METHODS
 from gradcam_cli.render import GAP, LABEL_WIDTH, TITLE_HEIGHT
 
 BASE = ["classify", "--arch", "resnet18", "--weights", "none", "--no-cuda"]
@@ -29,7 +29,7 @@ def run(*args: str) -> tuple[int, str, str]:
 def test_help_lists_every_command_and_version() -> None:
     code, out, _ = run("--help")
     assert code == 0
-    for command in ("classify", "layers", "architectures"):
+    for command in ("classify", "layers", "architectures", "methods"):
         assert command in out
     assert run("--version")[1].strip().endswith(__version__)
 
@@ -52,7 +52,7 @@ def test_classify_writes_grid_maps_and_summary(photo: Path, tmp_path: Path) -> N
     probabilities = [c["probability"] for c in record["classes"]]
     assert probabilities == sorted(probabilities, reverse=True)
     for c in record["classes"]:
-        assert set(c["maps"]) == set(METHODS)
+        assert set(c["maps"]) == set(DEFAULT_METHODS)
         for path in c["maps"].values():
             assert Image.open(path).size == (224, 224)
     cell = 224 + GAP  # every cell at the crop's own resolution
@@ -103,6 +103,7 @@ def test_bad_image_fails_alone(photo: Path, tmp_path: Path) -> None:
     (["--cuda"], "no CUDA device"),
     (["--class-id", "1000"], "outside 0..999"),
     (["--weights", "missing.pt"], "no such checkpoint"),
+    (["--method", "gradcam,gradcampp"], "unknown method 'gradcampp'; did you mean gradcam, xgradcam, gradcam++"),
 ])
 def test_usage_errors_exit_2_with_one_line(photo: Path, tmp_path: Path, args: list[str],
                                            message: str) -> None:
@@ -119,3 +120,24 @@ def test_layers_lists_shapes_and_default() -> None:
     code, out, _ = run("layers", "--arch", "resnet18")
     assert code == 0
     assert "* layer4" in out and "512x7x7" in out and "layer1" in out
+
+
+def test_methods_lists_each_method_with_a_description() -> None:
+    code, out, _ = run("methods")
+    lines = out.splitlines()
+    assert code == 0 and [line.split()[0] for line in lines] == list(METHODS)
+    assert all(len(line.split()) > 4 for line in lines)
+    assert sum("(default)" in line for line in lines) == len(DEFAULT_METHODS)
+
+
+def test_comma_separated_and_repeated_methods(photo: Path, tmp_path: Path) -> None:
+    code, out, err = run(*BASE, "--image-path", str(photo), "--output-dir", str(tmp_path),
+                         "--topk", "2", "--method", "gradcam++,eigencam", "--method", "ablationcam",
+                         "--batch-size", "128", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    for c in record["classes"]:
+        assert set(c["maps"]) == {"gradcam++", "eigencam", "ablationcam"}
+    grid = Image.open(record["grid"])
+    cell = 224 + GAP
+    assert grid.size == (LABEL_WIDTH + 4 * cell, TITLE_HEIGHT + 2 * cell)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradcam_cli import explain
-from gradcam_cli.methods import gradcam, upsample
+from gradcam_cli.methods import cam, eigencam_map, gradcam, upsample
 
 
 class Tiny(nn.Module):
@@ -94,3 +94,52 @@ def test_gradcam_folds_vit_tokens_and_channels_last() -> None:
     assert torch.allclose(gradcam(tokens, token_grads, (6, 6)), expected)
     nhwc = gradcam(grid.permute(0, 2, 3, 1), grads.permute(0, 2, 3, 1), (6, 6))
     assert torch.allclose(nhwc, expected)
+
+
+# The CAM family on the tiny network, layer "conv", class 1: A0 = x, A1 = -x,
+# G0 = 0.75·mask0 = [[0.75, 0], [0.75, 0]], G1 = -0.25·mask1 = [[0, -0.25], [0, 0]].
+# Grad-CAM++: ΣA0 = 2, so α = G²/(2G² + 2G³) = 1/(2 + 2·0.75) = 2/7 where G0 ≠ 0;
+#   w0 = 2 · (2/7) · 0.75 = 3/7; w1 = 0 (relu(G1) = 0) → (3/7)·relu(x).
+# XGrad-CAM: w0 = (1·0.75 + 3·0.75)/2 = 1.5; w1 = (2·(-0.25))/(-2) = 0.25 → relu(1.25·x).
+# Layer-CAM: relu(G0)·A0 + relu(G1)·A1 = [[0.75, 0], [2.25, 0]].
+# HiResCAM: G0·A0 + G1·A1 = [[0.75, -0.5], [2.25, 0]] → relu.
+# Score-CAM: masks (x+2)/5 and (3-x)/5; masked inputs [[.6, 0], [3, 0]] and [[.4, -2], [0, 0]]
+#   give class-1 logits 3·0.9 - 0 = 2.7 and 3·0.1 - 0.5 = -0.2; w = softmax(2.7, -0.2).
+# Ablation-CAM: logit 2.5; without A0: -0.5 → w0 = 3/2.5 = 1.2; without A1: 3 → w1 = -0.2;
+#   relu(1.2·x + 0.2·x) = relu(1.4·x).
+RELU_X = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+SCORE_W = torch.tensor([2.7, -0.2]).softmax(0)
+FAMILY = {
+    "gradcam++": 3 / 7 * RELU_X,
+    "xgradcam": 1.25 * RELU_X,
+    "layercam": torch.tensor([[0.75, 0.0], [2.25, 0.0]]),
+    "hirescam": torch.tensor([[0.75, 0.0], [2.25, 0.0]]),
+    "scorecam": float(SCORE_W[0] - SCORE_W[1]) * RELU_X,
+    "ablationcam": 1.4 * RELU_X,
+}
+
+
+@pytest.mark.parametrize("method", sorted(FAMILY))
+def test_cam_family_on_tiny_network_matches_hand_computation(method: str) -> None:
+    result = explain(Tiny(), X, "conv", class_ids=[1], methods=[method], batch_size=1)
+    assert torch.allclose(result.maps[method][0, 0, 0], FAMILY[method], atol=1e-6)
+
+
+def test_eigencam_sign_follows_the_total_activation() -> None:
+    # Positions x channels: three at (0, 0) and one at (4, 2); centred, the first principal
+    # direction is ±(2, 1)/√5, and the last position projects to ±7.5/√5, the others ∓2.5/√5.
+    acts = torch.zeros(1, 2, 2, 2)
+    acts[0, :, 1, 1] = torch.tensor([4.0, 2.0])
+    peak, rest = 7.5 / 5 ** 0.5, 2.5 / 5 ** 0.5
+    assert torch.allclose(eigencam_map(acts)[0], torch.tensor([[-rest, -rest], [-rest, peak]]))
+    # Negated activations: the total is now lowest at (1, 1), so the sign turns over too.
+    assert torch.allclose(eigencam_map(-acts)[0], torch.tensor([[rest, rest], [rest, -peak]]))
+
+
+def test_gradient_cams_agree_when_the_gradient_is_spatially_constant() -> None:
+    """After global average pooling and a linear head, G^k is constant over positions, and
+    Grad-CAM, XGrad-CAM and HiResCAM reduce to the same map (Draelos & Carin 2020)."""
+    acts, grads = torch.rand(2, 4, 3, 3), torch.randn(2, 4, 1, 1).expand(2, 4, 3, 3)
+    expected = cam("gradcam", acts, grads, (3, 3))
+    for method in ("xgradcam", "hirescam"):
+        assert torch.allclose(cam(method, acts, grads, (3, 3)), expected, atol=1e-6)

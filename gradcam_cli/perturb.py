@@ -1,0 +1,135 @@
+"""Score-CAM and Ablation-CAM: per-channel class scores from extra forward passes, in batches.
+
+Both return, for one image, a CxK table: the logits of all K classes with each of the target
+layer's C channels perturbed, so that every explained class is served by the same passes.
+
+- Score-CAM masks the input with each channel's upsampled, min-max normalised activation;
+  channels that are constant give an all-zero mask, whose score is computed once.
+- Ablation-CAM zeroes one channel of the target layer's output. The layers before the target
+  run once: every module that finished before the target layer started replays its recorded
+  output (``replayed_prefix``), so a batch of ablated channels costs only the layers after it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .engine import evaluating
+from .layout import channel_axis, to_nchw
+from .methods import upsample
+
+
+def _chunks(indices: torch.Tensor, size: int, desc: str, progress: bool) -> Iterator[torch.Tensor]:
+    """Split channel indices into batches, with a progress bar when asked."""
+    parts = list(indices.split(max(1, size)))
+    yield from tqdm(parts, desc=desc, unit="batch", leave=False, disable=not progress)
+
+
+def score_logits(module: nn.Module, image: torch.Tensor, activations: torch.Tensor,
+                 batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+    """Logits of ``image`` (1x3xHxW) masked by each channel of ``activations``: a CxK table."""
+    masks = upsample(to_nchw(activations)[0].float(), tuple(image.shape[-2:]))[:, 0]  # CxHxW
+    low = masks.flatten(1).amin(1)[:, None, None]
+    span = masks.flatten(1).amax(1)[:, None, None] - low
+    varying = (span[:, 0, 0] > 0).nonzero()[:, 0]
+    constant = (span[:, 0, 0] == 0).nonzero()[:, 0]
+    with torch.inference_mode(), evaluating(module):
+        rows: dict[int, torch.Tensor] = {}
+        if len(constant):  # an all-zero mask: one pass serves every constant channel
+            blank = module(torch.zeros_like(image))[0]
+            rows.update({int(c): blank for c in constant})
+        for chunk in _chunks(varying, batch_size, "scorecam", progress):
+            masked = image * ((masks[chunk] - low[chunk]) / span[chunk])[:, None]
+            rows.update(zip(chunk.tolist(), module(masked)))
+    return torch.stack([rows[c] for c in range(len(masks))]).float()
+
+
+def ablation_logits(module: nn.Module, layer: nn.Module, image: torch.Tensor,
+                    batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+    """Logits of ``image`` (1x3xHxW) with each channel of ``layer``'s output zeroed: a CxK table."""
+    with torch.inference_mode(), evaluating(module):
+        with replayed_prefix(module, layer, image) as (output, logits):
+            if _replays_correctly(module, layer, image, output, logits):
+                return _ablate(module, layer, image, output, batch_size, progress, repeat=False)
+        return _ablate(module, layer, image, output, batch_size, progress, repeat=True)
+
+
+def _ablate(module: nn.Module, layer: nn.Module, image: torch.Tensor, output: torch.Tensor,
+            batch_size: int, progress: bool, repeat: bool) -> torch.Tensor:
+    """Run the batches of ablated outputs; ``repeat`` feeds a full input per ablated copy."""
+    axis = channel_axis(output)
+    rows = []
+    for chunk in _chunks(torch.arange(output.shape[axis]), batch_size, "ablationcam", progress):
+        ablated = output.repeat_interleave(len(chunk), dim=0)
+        index: list[slice | torch.Tensor] = [slice(None)] * output.dim()
+        index[0], index[axis] = torch.arange(len(chunk)), chunk
+        ablated[tuple(index)] = 0
+        inputs = image.expand(len(chunk), -1, -1, -1) if repeat else image
+        rows.append(_run_with_output(module, layer, inputs, ablated))
+    return torch.cat(rows).float()
+
+
+def _run_with_output(module: nn.Module, layer: nn.Module, image: torch.Tensor,
+                     output: torch.Tensor) -> torch.Tensor:
+    """Run ``module`` with ``layer`` returning ``output`` (a batch) instead of computing."""
+    layer.forward = lambda *_a, **_k: output
+    try:
+        return module(image)
+    finally:
+        del layer.forward
+
+
+def _replays_correctly(module: nn.Module, layer: nn.Module, image: torch.Tensor,
+                       output: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Check that replaying the prefix with a batch of two unablated copies gives the logits.
+
+    A model whose code after the target layer mixes the batch with tensors from before it
+    (e.g. concatenating along the batch) fails this, and is then run on repeated inputs.
+    """
+    try:
+        again = _run_with_output(module, layer, image, output.repeat_interleave(2, dim=0))
+    except RuntimeError:
+        return False
+    return again.shape == (2, *logits.shape[1:]) and torch.allclose(again, logits.expand(2, -1),
+                                                                     rtol=1e-4, atol=1e-5)
+
+
+@contextmanager
+def replayed_prefix(module: nn.Module, layer: nn.Module,
+                    image: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Run once; then let each module that ran once, before ``layer``, replay its output.
+
+    Yields the layer's output and the logits of that run. Outputs are recorded as copies when
+    produced and handed out as copies, so in-place operations downstream change nothing.
+    """
+    recorded: dict[nn.Module, torch.Tensor] = {}
+    calls: Counter[nn.Module] = Counter()
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(m: nn.Module, _i: object, out: object) -> None:
+        calls[m] += 1
+        if m is layer:
+            seen["output"] = out.clone()
+        elif "output" not in seen and isinstance(out, torch.Tensor):
+            recorded[m] = out.clone()
+
+    handles = [m.register_forward_hook(record) for m in module.modules() if m is not module]
+    try:
+        logits = module(image)
+    finally:
+        for h in handles:
+            h.remove()
+    replay = [m for m in recorded if calls[m] == 1]
+    for m in replay:
+        m.forward = lambda *_a, _out=recorded[m], **_k: _out.clone()
+    try:
+        yield seen["output"], logits
+    finally:
+        for m in replay:
+            del m.forward
