@@ -103,7 +103,8 @@ def test_bad_image_fails_alone(photo: Path, tmp_path: Path) -> None:
     (["--cuda"], "no CUDA device"),
     (["--class-id", "1000"], "outside 0..999"),
     (["--weights", "missing.pt"], "no such checkpoint"),
-    (["--method", "gradcam,gradcampp"], "unknown method 'gradcampp'; did you mean gradcam, xgradcam, gradcam++"),
+    (["--method", "gradcam,gradcampp"],
+     "unknown method 'gradcampp'; did you mean gradcam, xgradcam, gradcam++"),
 ])
 def test_usage_errors_exit_2_with_one_line(photo: Path, tmp_path: Path, args: list[str],
                                            message: str) -> None:
