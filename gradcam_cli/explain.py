@@ -49,54 +49,74 @@ def explain(module: nn.Module, inputs: torch.Tensor, layer: str, topk: int = 3,
     Score-CAM and Ablation-CAM add forward passes per image, ``batch_size`` perturbed copies
     at a time (with progress bars when ``progress``); one set of passes serves every class.
     """
+    return explain_layers(module, inputs, [layer], topk, class_ids, methods, batch_size,
+                          progress)[0]
+
+
+def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str], topk: int = 3,
+                   class_ids: Sequence[int] = (), methods: Sequence[str] = M.DEFAULT_METHODS,
+                   batch_size: int = 32, progress: bool = False) -> list[Explanation]:
+    """``explain`` for several layers at once: the forward pass and each class's backward
+    passes are shared, so gradient CAMs for every layer cost no more passes than for one."""
     unknown_methods = [m for m in methods if m not in M.METHODS]
     if unknown_methods:
         raise UsageError(f"unknown method {unknown_methods[0]!r}; choose from {', '.join(M.METHODS)}")
-    target = find_layer(module, layer)
-    with forward_pass(module, inputs, {layer: target}) as fp:
-        if layer not in fp.activations:
-            raise UsageError(f"--layer {layer} did not produce a tensor in the forward pass; "
+    targets = {name: find_layer(module, name) for name in layers}
+    with forward_pass(module, inputs, targets) as fp:
+        missing = [name for name in layers if name not in fp.activations]
+        if missing:
+            raise UsageError(f"--layer {missing[0]} did not produce a tensor in the forward pass; "
                              "choose one listed by `gradcam layers`")
         probabilities = fp.logits.detach().float().softmax(dim=1)
         classes = choose_classes(probabilities, topk, class_ids)
-        ranks = [_explain_class(fp, classes[:, k], layer, methods) for k in range(classes.shape[1])]
+        ranks = [_explain_class(fp, classes[:, k], layers, methods) for k in range(classes.shape[1])]
         gates = len(fp.gates) if {"guided", "deconv", "guided-gradcam"} & set(methods) else None
-        acts, logits = fp.activations[layer].detach(), fp.logits.detach()
-    maps = {m: torch.stack([r[m] for r in ranks], dim=1) for m in methods if m in ranks[0]}
+        acts = {name: fp.activations[name].detach() for name in layers}
+        logits = fp.logits.detach()
     size = tuple(inputs.shape[-2:])
-    if "eigencam" in methods:  # class-agnostic: one map per image, shown for every class
-        eigen = M.cam("eigencam", acts, None, size)[:, None]
-        maps["eigencam"] = eigen.expand(-1, classes.shape[1], -1, -1, -1).clone()
-    for method in M.PERTURBATION_CAMS:
-        if method in methods:
-            maps[method] = _perturbation_cam(method, module, target, inputs, acts, logits, classes,
-                                             batch_size, progress)
-    return Explanation(probabilities, classes, {m: maps[m] for m in methods}, layer, gates)
+    results = []
+    for name in layers:
+        maps = {m: torch.stack([r[name, m] for r in ranks], dim=1) for m in methods
+                if (name, m) in ranks[0]}
+        if "eigencam" in methods:  # class-agnostic: one map per image, shown for every class
+            eigen = M.cam("eigencam", acts[name], None, size)[:, None]
+            maps["eigencam"] = eigen.expand(-1, classes.shape[1], -1, -1, -1).clone()
+        for method in M.PERTURBATION_CAMS:
+            if method in methods:
+                maps[method] = _perturbation_cam(method, module, targets[name], inputs, acts[name],
+                                                 logits, classes, batch_size, progress)
+        results.append(Explanation(probabilities, classes, {m: maps[m] for m in methods}, name,
+                                   gates))
+    return results
 
 
-def _explain_class(fp: ForwardPass, classes: torch.Tensor, layer: str,
-                   methods: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The gradient maps for one class per image, each backward pass run once and shared."""
+def _explain_class(fp: ForwardPass, classes: torch.Tensor, layers: Sequence[str],
+                   methods: Sequence[str]) -> dict[tuple[str, str], torch.Tensor]:
+    """The gradient maps for one class per image, keyed by (layer, method); each backward pass
+    is run once and shared by every layer (input-gradient maps are the same for all layers)."""
     score = fp.logits.gather(1, classes[:, None]).sum()  # images are independent in eval mode
     size = tuple(fp.inputs.shape[-2:])
     wanted = set(methods) | ({"guided", "gradcam"} if "guided-gradcam" in methods else set())
-    maps: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
     cams = [m for m in M.GRADIENT_CAMS if m in wanted]
-    plain = [fp.inputs] * ("vanilla" in wanted) + [fp.activations[layer]] * bool(cams)
+    plain = [fp.inputs] * ("vanilla" in wanted) + [fp.activations[n] for n in layers] * bool(cams)
+    maps: dict[tuple[str, str], torch.Tensor] = {}
     if plain:  # one plain backward pass serves vanilla backprop and every gradient CAM
         grads = fp.gradients(score, "plain", plain)
         if "vanilla" in wanted:
-            maps["vanilla"] = grads[0]
-        if cams:
-            _require_gradient(grads[-1], layer)
-            acts = fp.activations[layer].detach()
-            maps.update({m: M.cam(m, acts, grads[-1], size) for m in cams})
+            inputs["vanilla"] = grads.pop(0)
+        for name, layer_grads in zip(layers, grads):
+            _require_gradient(layer_grads, name)
+            acts = fp.activations[name].detach()
+            maps.update({(name, m): M.cam(m, acts, layer_grads, size) for m in cams})
     for method in ("guided", "deconv"):
         if method in wanted:
-            (maps[method],) = fp.gradients(score, M.GRADIENT_METHODS[method], [fp.inputs])
-    if "guided-gradcam" in wanted:
-        maps["guided-gradcam"] = M.guided_gradcam(maps["guided"], maps["gradcam"])
-    return {m: maps[m].detach() for m in methods if m in maps}
+            (inputs[method],) = fp.gradients(score, M.GRADIENT_METHODS[method], [fp.inputs])
+    for name in layers:
+        maps.update({(name, m): g for m, g in inputs.items()})
+        if "guided-gradcam" in wanted:
+            maps[name, "guided-gradcam"] = M.guided_gradcam(inputs["guided"], maps[name, "gradcam"])
+    return {key: value.detach() for key, value in maps.items() if key[1] in methods}
 
 
 def _perturbation_cam(method: str, module: nn.Module, layer: nn.Module, inputs: torch.Tensor,

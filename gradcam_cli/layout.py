@@ -34,6 +34,14 @@ def channel_axis(t: torch.Tensor) -> int:
     return t.dim() - 1 if t.dim() == 3 or _channels_last(t) else 1
 
 
+def grid_size(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    """The (h, w) of a spatial layer output's grid, whatever its layout."""
+    if len(shape) == 3:
+        side = token_grid(shape[1])[1]
+        return side, side
+    return (shape[1], shape[2]) if shape[2] != shape[3] and shape[1] == shape[2] else (shape[2], shape[3])
+
+
 def to_nchw(t: torch.Tensor) -> torch.Tensor:
     """Fold a layer output into NxCxhxw.
 

@@ -15,7 +15,7 @@ from torchvision.models import get_model, get_model_weights, list_models
 
 from .engine import evaluating
 from .errors import UsageError, unknown
-from .layout import is_spatial
+from .layout import grid_size, is_spatial
 
 ARCHITECTURES: tuple[str, ...] = tuple(sorted(list_models(module=torchvision.models)))
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -220,6 +220,26 @@ def spatial_layers(module: nn.Module, size: int) -> list[tuple[str, tuple[int, .
         for h in handles:
             h.remove()
     return list(shapes.items())
+
+
+def stage_layers(arch: str, module: nn.Module, size: int) -> list[str]:
+    """The network's stages: at the shallowest nesting depth whose blocks span at least three
+    grid sizes, the last block to finish at each size (ResNet: layer1..layer4; Swin:
+    features.1, .3, .5, .7). Without such blocks (VGG), the same over layers of any kind; for
+    ViT, whose grid never changes, the first LayerNorm of the blocks ending each quarter."""
+    if arch.startswith("vit_"):
+        depth = len(module.encoder.layers)
+        return [f"encoder.layers.encoder_layer_{depth * q // 4 - 1}.ln_1" for q in (1, 2, 3, 4)]
+    layers = spatial_layers(module, size)
+    modules = dict(module.named_modules())
+    deepest = max(name.count(".") for name, _ in layers)
+    for blocks_only in (True, False):
+        for depth in range(deepest + 1):
+            last = {grid_size(shape): name for name, shape in layers if name.count(".") == depth
+                    and (not blocks_only or any(True for _ in modules[name].children()))}
+            if len(last) >= 3:
+                return list(last.values())
+    return list({grid_size(shape): name for name, shape in layers}.values())
 
 
 def default_layer(arch: str, module: nn.Module, size: int) -> str:

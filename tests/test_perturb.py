@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torchvision
 from torch import nn
 
 from gradcam_cli.models import find_layer
-from gradcam_cli.perturb import ablation_logits, score_logits
+from gradcam_cli.perturb import ablation_logits, inference_copy, score_logits
 
 
 def brute_ablation(model: nn.Module, layer: nn.Module, image: torch.Tensor,
@@ -79,7 +80,8 @@ def test_ablation_falls_back_to_full_passes_when_replay_fails() -> None:
                           atol=1e-6)
 
 
-def test_score_logits_equal_masked_passes_and_share_constant_channels() -> None:
+def test_score_logits_equal_masked_passes_and_share_constant_channels(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
     with torch.no_grad():
         model[0].weight[2] = 0  # channel 2 is constant: bias only
@@ -92,7 +94,24 @@ def test_score_logits_equal_masked_passes_and_share_constant_channels() -> None:
             mask = (a - a.min()) / (a.max() - a.min()) if a.max() > a.min() else torch.zeros_like(a)
             expected.append(model(image * mask)[0])
     passes = []
-    model.register_forward_hook(lambda _m, i, _o: passes.append(len(i[0])))
+    copies = []
+
+    def counted(module: nn.Module) -> nn.Module:
+        copies.append(inference_copy(module))
+        copies[-1].register_forward_hook(lambda _m, i, _o: passes.append(len(i[0])))
+        return copies[-1]
+    monkeypatch.setattr("gradcam_cli.perturb.inference_copy", counted)
     table = score_logits(model, image, acts, batch_size=2)
     assert torch.allclose(table, torch.stack(expected), atol=1e-6)
     assert passes == [1, 2]  # the constant channel's blank input once, then channels 0 and 1
+
+
+def test_inference_copy_folds_batch_norm_and_leaves_the_model_alone() -> None:
+    model, image = small_resnet(), torch.randn(2, 3, 64, 64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = inference_copy(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())  # folded away
+    with torch.no_grad():
+        assert torch.allclose(fast(image), model(image), atol=1e-4)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.conv1.weight.is_contiguous()  # the original keeps its memory format
