@@ -10,10 +10,11 @@ Three lines from Python::
 __version__ = "0.1.0"
 
 from .errors import GradcamError, InputError, UsageError
-from .explain import Explanation, explain
+from .explain import Explanation, explain, explain_layers
 from .methods import DEFAULT_METHODS, METHODS
 from .models import ARCHITECTURES, LoadedModel, load_model
-from .pipeline import classify
+from .pipeline import classify, compare_layers
 
 __all__ = ["ARCHITECTURES", "DEFAULT_METHODS", "METHODS", "Explanation", "GradcamError", "InputError",
-           "LoadedModel", "UsageError", "__version__", "classify", "explain", "load_model"]
+           "LoadedModel", "UsageError", "__version__", "classify", "compare_layers", "explain",
+           "explain_layers", "load_model"]

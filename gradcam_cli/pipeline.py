@@ -1,12 +1,17 @@
-"""`classify` as a library call: images in, maps explained in batches, files and records out.
+"""`classify` and `compare_layers` as library calls: images in, explained in batches, files
+and records out.
 
 Output layout, one folder per image and model/layer (names sort by rank)::
 
-    <output-dir>/<image-stem>-<hash8>/<arch>@<layer>/
+    <output-dir>/<image-stem>-<hash8>/<arch>@<layer>/          classify
         grid.png                      rows: classes; columns: crop and maps
         summary.json                  the record yielded for this image
         r1-c0285-egyptian_cat/        one folder per explained class, by rank
             vanilla.png guided.png deconv.png gradcam.png guided-gradcam.png
+    <output-dir>/<image-stem>-<hash8>/<arch>@layers/           compare-layers
+        grid.png                      rows: class x layer; columns: crop and methods
+        summary.json
+        r1-c0285-egyptian_cat/layer1/gradcam.png …
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -21,12 +27,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import InputError
-from .explain import Explanation, explain
+from .errors import InputError, UsageError
+from .explain import Explanation, explain_layers
 from .inputs import BadInput
 from .io import atomic_write, image_id, json_bytes, load_image, png_bytes, prepare_output_dir, slug
-from .methods import DEFAULT_METHODS
-from .models import LoadedModel, default_layer, find_layer
+from .methods import CAM_METHODS, DEFAULT_METHODS, GRADIENT_METHODS
+from .models import LoadedModel, default_layer, find_layer, stage_layers
 from .render import grid_image, map_image
 
 
@@ -35,6 +41,14 @@ def resolve_layer(model: LoadedModel, layer: str | None) -> str:
     name = layer or default_layer(model.arch, model.module, model.preprocess.crop)
     find_layer(model.module, name)
     return name
+
+
+def resolve_layers(model: LoadedModel, layers: Sequence[str] = ()) -> list[str]:
+    """The layers to compare: the user's (checked) or the architecture's stages."""
+    names = list(layers) or stage_layers(model.arch, model.module, model.preprocess.crop)
+    for name in names:
+        find_layer(model.module, name)
+    return names
 
 
 Item = Union[str, Path, BadInput]
@@ -57,22 +71,62 @@ def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     not started (how the CLI turns Ctrl-C into a clean stop). ``progress`` shows Score-CAM's
     and Ablation-CAM's per-image progress bars.
     """
-    out = prepare_output_dir(Path(output_dir))
-    layer = resolve_layer(model, layer)
+    job = Job([resolve_layer(model, layer)], topk, class_ids, methods, by_layer=False)
+    return _run(model, images, Path(output_dir), job, batch_size, skip_existing, stop, progress)
+
+
+def compare_layers(model: LoadedModel, images: Sequence[Item], output_dir: str | Path = "results",
+                   layers: Sequence[str] = (), topk: int = 1, class_ids: Sequence[int] = (),
+                   methods: Sequence[str] = ("gradcam",), batch_size: int = 8,
+                   skip_existing: bool = False, stop: Callable[[], bool] = lambda: False,
+                   progress: bool = False) -> Iterator[dict]:
+    """Like ``classify``, with a row per layer (default: the stages) for each explained class.
+
+    Only methods that depend on the layer make sense here; one forward and one backward pass
+    per class serve the gradient CAMs of every layer.
+    """
+    flat = [m for m in methods if m in GRADIENT_METHODS]
+    if flat:
+        raise UsageError(f"--method {flat[0]} does not depend on the layer; choose CAM methods "
+                         f"({', '.join(CAM_METHODS)}) or guided-gradcam")
+    job = Job(resolve_layers(model, layers), topk, class_ids, methods, by_layer=True)
+    return _run(model, images, Path(output_dir), job, batch_size, skip_existing, stop, progress)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to explain for every image, and whether outputs are kept apart by layer."""
+
+    layers: list[str]
+    topk: int
+    class_ids: Sequence[int]
+    methods: Sequence[str]
+    by_layer: bool
+
+    def folder(self, out: Path, arch: str, image: Item) -> Path:
+        """The image's output folder for this job."""
+        return out / image_id(image) / f"{arch}@{'layers' if self.by_layer else self.layers[0]}"
+
+
+def _run(model: LoadedModel, images: Sequence[Item], output_dir: Path, job: Job, batch_size: int,
+         skip_existing: bool, stop: Callable[[], bool], progress: bool) -> Iterator[dict]:
+    """Batches through ``explain_layers``, each batch written in a thread beside the next."""
+    out = prepare_output_dir(output_dir)
     device = next(model.module.parameters()).device
     todo = []
     for item in images:
-        done = _existing(out, model.arch, layer, item) if skip_existing else None
+        done = _existing(out, model.arch, job, item) if skip_existing else None
         todo.append(done or item)
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending = None
         for batch in _prefetch(model, todo, batch_size):
             good = [item for item in batch if isinstance(item, tuple)]
-            result = None
+            results = []
             if good:
                 x = torch.stack([model.preprocess.to_tensor(crop) for _, crop in good]).to(device)
-                result = explain(model.module, x, layer, topk, class_ids, methods, batch_size, progress)
-            written = writer.submit(_write_batch, model, batch, result, out)
+                results = explain_layers(model.module, x, job.layers, job.topk, job.class_ids,
+                                         job.methods, batch_size, progress)
+            written = writer.submit(_write_batch, model, batch, results, out, job)
             if pending:
                 yield from pending.result()
             pending = written
@@ -82,28 +136,38 @@ def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
             yield from pending.result()
 
 
-def _write_batch(model: LoadedModel, batch: list[Loaded], result: Explanation | None,
-                 out: Path) -> list[dict]:
+def _write_batch(model: LoadedModel, batch: list[Loaded], results: list[Explanation],
+                 out: Path, job: Job) -> list[dict]:
     """Write the files of a batch's explained images; pass error and skip records through."""
     index = iter(range(len(batch)))
     return [item if isinstance(item, dict)
-            else _write_image(model, item[0], np.asarray(item[1]), result, next(index), out)
+            else _write_image(model, item[0], np.asarray(item[1]), results, next(index), out, job)
             for item in batch]
 
 
-def _existing(out: Path, arch: str, layer: str, item: Item) -> dict | None:
-    """A "skipped" record when an earlier run left this image's summary and every file in it."""
+def _existing(out: Path, arch: str, job: Job, item: Item) -> dict | None:
+    """A "skipped" record when an earlier run of the same job left this image's summary and
+    every file it lists."""
     if isinstance(item, BadInput):
         return None
-    summary = out / image_id(item) / f"{arch}@{layer}" / "summary.json"
+    summary = job.folder(out, arch, item) / "summary.json"
     try:
         record = json.loads(summary.read_text())
-    except (OSError, ValueError):
+        maps = record["classes"][0]["maps"]
+    except (OSError, ValueError, KeyError, IndexError):
         return None
-    files = [record["grid"], *(f for c in record["classes"] for f in c["maps"].values())]
-    if all(Path(f).is_file() for f in files):
+    same = (list(maps) == job.layers and all(set(m) == set(job.methods) for m in maps.values())
+            if job.by_layer else set(maps) == set(job.methods))
+    files = [record["grid"], *(f for c in record["classes"] for f in _paths(c["maps"]))]
+    if same and all(Path(f).is_file() for f in files):
         return {"image": str(item), "status": "skipped", "summary": str(summary)}
     return None
+
+
+def _paths(maps: dict) -> Iterator[str]:
+    """The file paths in a record's ``maps``, nested by layer or not."""
+    for value in maps.values():
+        yield from (_paths(value) if isinstance(value, dict) else [value])
 
 
 def _load(model: LoadedModel, item: Item | dict) -> Loaded:
@@ -131,26 +195,33 @@ def _prefetch(model: LoadedModel, items: Sequence[Item | dict],
                 yield ready
 
 
-def _write_image(model: LoadedModel, path: str | Path, crop: np.ndarray, result: Explanation,
-                 i: int, out: Path) -> dict:
+def _write_image(model: LoadedModel, path: str | Path, crop: np.ndarray,
+                 results: list[Explanation], i: int, out: Path, job: Job) -> dict:
     """Write one image's per-map PNGs, grid and summary; return its record."""
-    folder = out / image_id(path) / f"{model.arch}@{result.layer}"
-    methods = list(result.maps)
+    folder = job.folder(out, model.arch, path)
+    first = results[0]
+    methods = list(first.maps)
     width = len(str(len(model.categories) - 1))
     classes, rows = [], []
-    for k, class_id in enumerate(result.classes[i].tolist()):
-        name, probability = model.categories[class_id], float(result.probabilities[i, class_id])
-        pictures = [map_image(m, result.maps[m][i, k], crop) for m in methods]
+    for k, class_id in enumerate(first.classes[i].tolist()):
+        name, probability = model.categories[class_id], float(first.probabilities[i, class_id])
         class_dir = folder / f"r{k + 1}-c{class_id:0{width}d}-{slug(name)}"
-        files = {m: str(atomic_write(class_dir / f"{m}.png", png_bytes(p)))
-                 for m, p in zip(methods, pictures)}
+        maps = {}
+        for result in results:
+            pictures = [map_image(m, result.maps[m][i, k], crop) for m in methods]
+            where = class_dir / result.layer if job.by_layer else class_dir
+            files = {m: str(atomic_write(where / f"{m}.png", png_bytes(p)))
+                     for m, p in zip(methods, pictures)}
+            maps.update({result.layer: files} if job.by_layer else files)
+            label = f"{name}\np = {probability:.3f}" + (f"\n{result.layer}" if job.by_layer else "")
+            rows.append((label, [crop, *pictures]))
         classes.append({"rank": k + 1, "class_id": class_id, "name": name,
-                        "probability": round(probability, 6), "maps": files})
-        rows.append((f"{name}\np = {probability:.3f}", [crop, *pictures]))
+                        "probability": round(probability, 6), "maps": maps})
+    where = {"layers": job.layers} if job.by_layer else {"layer": first.layer}
     record = {"image": str(path), "status": "ok", "arch": model.arch, "weights": model.weights,
-              "layer": result.layer, "input_size": list(crop.shape[:2]),
-              "relu_gates": result.gates, "classes": classes,
-              "grid": str(folder / "grid.png"), "summary": str(folder / "summary.json")}
+              **where, "input_size": list(crop.shape[:2]), "relu_gates": first.gates,
+              "classes": classes, "grid": str(folder / "grid.png"),
+              "summary": str(folder / "summary.json")}
     atomic_write(folder / "grid.png", png_bytes(grid_image(["input", *methods], rows)))
     atomic_write(folder / "summary.json", json_bytes(record))
     return record

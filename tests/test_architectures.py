@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from gradcam_cli import ARCHITECTURES, explain, load_model
 from gradcam_cli.io import load_image
 from gradcam_cli.layout import to_nchw
+from gradcam_cli.methods import DEFAULT_METHODS
 from gradcam_cli.models import find_layer
 from gradcam_cli.pipeline import resolve_layer
 
@@ -33,7 +35,7 @@ def no_positive_evidence(module: torch.nn.Module, x: torch.Tensor, layer: str, c
     return bool(((grad.mean(dim=(2, 3), keepdim=True) * acts).sum(dim=1) <= 0).all())
 
 
-def check_architecture(arch: str) -> None:
+def check_architecture(arch: str, methods: Sequence[str] = DEFAULT_METHODS) -> None:
     """Explain the sample cat's top-2 classes at the model's own input size and check the maps.
 
     With random weights Grad-CAM can be blank for a class (no channel has positive evidence);
@@ -44,7 +46,7 @@ def check_architecture(arch: str) -> None:
     crop = model.preprocess.crop_image(load_image(SAMPLES / "chelsea.png"))
     x = model.preprocess.to_tensor(crop)[None]
     layer = resolve_layer(model, None)
-    result = explain(model.module, x, layer, topk=2)
+    result = explain(model.module, x, layer, topk=2, methods=methods, batch_size=64)
     size = model.preprocess.crop
     for method, maps in result.maps.items():
         assert maps.shape[-2:] == (size, size), (arch, method)
@@ -69,3 +71,26 @@ def test_every_architecture(arch: str) -> None:
     start = time.perf_counter()
     check_architecture(arch)
     print(f"{arch}: {time.perf_counter() - start:.1f}s")
+
+
+TRANSFORMERS = ["vit_b_16", "swin_t", "maxvit_t"]
+GRADIENT_AND_EIGEN = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam"]
+
+
+@pytest.mark.parametrize("arch", TRANSFORMERS[:2])
+def test_transformer_cams_without_a_reshape_function(arch: str) -> None:
+    check_architecture(arch, GRADIENT_AND_EIGEN)
+
+
+@pytest.mark.sweep
+@pytest.mark.parametrize("arch", TRANSFORMERS)
+def test_transformer_perturbation_cams(arch: str) -> None:
+    check_architecture(arch, ["scorecam", "ablationcam"])
+
+
+def test_swin_grid_follows_the_input_size() -> None:
+    """Swin's channels-last grid is read from the output, not assumed: 256 px gives 8x8."""
+    model = load_model("swin_t", "none").module
+    result = explain(model, torch.randn(1, 3, 256, 256), "features", topk=1, methods=["gradcam"])
+    cam = result.maps["gradcam"][0, 0, 0]
+    assert cam.shape == (256, 256) and torch.isfinite(cam).all() and cam.max() > cam.min()

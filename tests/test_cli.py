@@ -120,7 +120,9 @@ def test_usage_errors_exit_2_with_one_line(photo: Path, tmp_path: Path, args: li
 def test_layers_lists_shapes_and_default() -> None:
     code, out, _ = run("layers", "--arch", "resnet18")
     assert code == 0
-    assert "* layer4" in out and "512x7x7" in out and "layer1" in out
+    assert "*s layer4" in out and "512x7x7" in out
+    stages = [line.split()[1] for line in out.splitlines()[1:] if line[1] == "s"]
+    assert stages == ["layer1", "layer2", "layer3", "layer4"]
 
 
 def test_methods_lists_each_method_with_a_description() -> None:
@@ -142,3 +144,41 @@ def test_comma_separated_and_repeated_methods(photo: Path, tmp_path: Path) -> No
     grid = Image.open(record["grid"])
     cell = 224 + GAP
     assert grid.size == (LABEL_WIDTH + 4 * cell, TITLE_HEIGHT + 2 * cell)
+
+
+def test_compare_layers_defaults_to_the_stages(photo: Path, tmp_path: Path) -> None:
+    args = ["compare-layers", "--arch", "resnet18", "--weights", "none", "--image-path", str(photo),
+            "--output-dir", str(tmp_path), "--json"]
+    code, out, err = run(*args)
+    assert code == 0, err
+    assert "layers layer1, layer2, layer3, layer4" in err
+    record = json.loads(out)
+    assert record["layers"] == ["layer1", "layer2", "layer3", "layer4"]
+    (only,) = record["classes"]
+    assert list(only["maps"]) == record["layers"]
+    for layer, files in only["maps"].items():
+        assert Path(files["gradcam"]).is_file() and f"/{layer}/gradcam.png" in files["gradcam"]
+    cell = 224 + GAP
+    assert Image.open(record["grid"]).size == (LABEL_WIDTH + 2 * cell, TITLE_HEIGHT + 4 * cell)
+    code, out, _ = run(*args, "--skip-existing")
+    assert code == 0 and json.loads(out)["status"] == "skipped"
+    code, out, _ = run(*args, "--skip-existing", "--layers", "layer3")  # another job: not skipped
+    assert code == 0 and json.loads(out)["status"] == "ok"
+
+
+def test_compare_layers_chosen_layers_methods_and_classes(photo: Path, tmp_path: Path) -> None:
+    code, out, err = run("compare-layers", "--arch", "resnet18", "--weights", "none",
+                         "--image-path", str(photo), "--output-dir", str(tmp_path), "--json",
+                         "--layers", "layer3,layer4", "--method", "gradcam,layercam", "--topk", "2")
+    assert code == 0, err
+    record = json.loads(out)
+    assert [list(c["maps"]) for c in record["classes"]] == [["layer3", "layer4"]] * 2
+    cell = 224 + GAP
+    assert Image.open(record["grid"]).size == (LABEL_WIDTH + 3 * cell, TITLE_HEIGHT + 4 * cell)
+
+
+def test_compare_layers_refuses_layer_independent_methods(photo: Path, tmp_path: Path) -> None:
+    code, out, err = run("compare-layers", "--arch", "resnet18", "--weights", "none",
+                         "--image-path", str(photo), "--output-dir", str(tmp_path),
+                         "--method", "vanilla")
+    assert code == 2 and "--method vanilla does not depend on the layer" in err and out == ""

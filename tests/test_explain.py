@@ -7,11 +7,13 @@ import types
 
 import pytest
 import torch
+import torchvision
 from captum.attr import Deconvolution, GuidedBackprop, GuidedGradCam, LayerAttribution, LayerGradCam, Saliency
 from torch import nn
 from torchvision.models import get_model
 
 from gradcam_cli import UsageError, explain
+from gradcam_cli.explain import explain_layers
 
 
 def by_max(x: torch.Tensor) -> torch.Tensor:
@@ -139,3 +141,25 @@ def test_layer_without_gradient_is_explained_not_drawn_blank() -> None:
     assert explain(Detour(), x, "conv", topk=1).maps["gradcam"].shape == (1, 1, 1, 8, 8)
     with pytest.raises(UsageError, match="gradient is zero at every position"):
         explain(Detour(), x, "unused", topk=1)
+
+
+def test_several_layers_share_one_forward_and_one_backward_per_class() -> None:
+    model, x = torchvision.models.resnet18().eval(), torch.randn(2, 3, 64, 64)
+    layers = ["layer1", "layer2", "layer3", "layer4"]
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    backwards = []
+    real = torch.autograd.grad
+
+    def counting(*args: object, **kwargs: object) -> tuple:
+        backwards.append(1)
+        return real(*args, **kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.autograd, "grad", counting)
+        results = explain_layers(model, x, layers, topk=2, methods=["gradcam", "hirescam"])
+    assert len(forwards) == 1 and len(backwards) == 2  # one forward; one backward per class
+    for layer, result in zip(layers, results):
+        alone = explain(model, x, layer, topk=2, methods=["gradcam", "hirescam"])
+        assert result.layer == layer
+        for method in ("gradcam", "hirescam"):
+            assert torch.allclose(result.maps[method], alone.maps[method], atol=1e-6)

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from torchvision.models import get_model, get_model_weights
 
 from gradcam_cli import ARCHITECTURES, UsageError, load_model
-from gradcam_cli.models import default_layer, find_layer, spatial_layers
+from gradcam_cli.layout import grid_size
+from gradcam_cli.models import default_layer, find_layer, spatial_layers, stage_layers
 
 from .conftest import SAMPLES
 
@@ -139,3 +140,20 @@ def test_zero_initialised_heads_are_drawn_at_random() -> None:
     model = load_model("vit_b_32", "none").module
     assert model.heads.head.weight.any()
     assert torch.equal(model.heads.head.weight, load_model("vit_b_32", "none").module.heads.head.weight)
+
+
+@pytest.mark.parametrize(("arch", "expected"), [
+    ("resnet50", ["layer1", "layer2", "layer3", "layer4"]),  # the stages named in the papers
+    ("swin_t", ["features.1", "features.3", "features.5", "features.7"]),
+    ("densenet121", [f"features.denseblock{i}" for i in range(1, 5)]),
+    ("vgg11", ["features.1", "features.4", "features.9", "features.14", "features.19"]),
+    ("vit_b_16", [f"encoder.layers.encoder_layer_{i}.ln_1" for i in (2, 5, 8, 11)]),
+])
+def test_stage_layers_end_each_grid_size(arch: str, expected: list[str]) -> None:
+    module = get_model(arch).eval()
+    stages = stage_layers(arch, module, 224)
+    assert stages == expected
+    if not arch.startswith("vit_"):  # each stage halves the grid of the one before
+        shapes = dict(spatial_layers(module, 224))
+        sides = [grid_size(shapes[name])[0] for name in stages]
+        assert all(a == 2 * b for a, b in zip(sides, sides[1:]))
