@@ -1,4 +1,4 @@
-"""The library's core call: explain a batch of inputs for chosen or top-k classes."""
+"""The library's core call: explain a batch of inputs for chosen or top-k targets."""
 
 from __future__ import annotations
 
@@ -14,65 +14,61 @@ from .engine import ForwardPass, forward_pass
 from .errors import UsageError
 from .layout import to_nchw
 from .models import find_layer
+from .targets import Chooser, Target, top_classes
 
 
 @dataclass
 class Explanation:
-    """Maps for a batch: ``maps[method]`` is NxKxCxHxW, class ``classes[n, k]`` of image n."""
+    """Maps for a batch: ``maps[method]`` is NxKxCxHxW for candidate ``classes[n, k]`` of image n.
 
-    probabilities: torch.Tensor
+    ``scores`` (NxC) holds every candidate's value: class probabilities for a classifier,
+    similarities to every proxy or reference for an embedding network.
+    """
+
+    scores: torch.Tensor
     classes: torch.Tensor
     maps: dict[str, torch.Tensor]
     layer: str
     gates: int | None  # ReLU-type activations found; None when no guided/deconv map was asked
 
 
-def choose_classes(probabilities: torch.Tensor, topk: int,
-                   class_ids: Sequence[int] = ()) -> torch.Tensor:
-    """The classes to explain per image: the given ids for all images, or each one's top-k."""
-    n, classes = probabilities.shape
-    if class_ids:
-        bad = [c for c in class_ids if not 0 <= c < classes]
-        if bad:
-            raise UsageError(f"--class-id {bad[0]} is outside 0..{classes - 1}")
-        return torch.tensor(list(class_ids), device=probabilities.device).expand(n, -1)
-    if not 1 <= topk <= classes:
-        raise UsageError(f"--topk {topk} must be between 1 and {classes}")
-    return probabilities.topk(topk, dim=1).indices
-
-
 def explain(module: nn.Module, inputs: torch.Tensor, layer: str, topk: int = 3,
             class_ids: Sequence[int] = (), methods: Sequence[str] = M.DEFAULT_METHODS,
-            batch_size: int = 32, progress: bool = False) -> Explanation:
+            batch_size: int = 32, progress: bool = False,
+            target: Chooser | None = None) -> Explanation:
     """One forward pass for the batch, then per class only the backward passes ``methods`` need.
 
-    Score-CAM and Ablation-CAM add forward passes per image, ``batch_size`` perturbed copies
-    at a time (with progress bars when ``progress``); one set of passes serves every class.
+    The explained scores are the top-k (or ``class_ids``) logits, or what ``target`` chooses
+    (e.g. ``targets.top_proxies`` for an embedding network). Score-CAM and Ablation-CAM add
+    forward passes per image, ``batch_size`` perturbed copies at a time (with progress bars
+    when ``progress``); one set of passes serves every class.
     """
     return explain_layers(module, inputs, [layer], topk, class_ids, methods, batch_size,
-                          progress)[0]
+                          progress, target)[0]
 
 
 def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str], topk: int = 3,
                    class_ids: Sequence[int] = (), methods: Sequence[str] = M.DEFAULT_METHODS,
-                   batch_size: int = 32, progress: bool = False) -> list[Explanation]:
+                   batch_size: int = 32, progress: bool = False,
+                   target: Chooser | None = None) -> list[Explanation]:
     """``explain`` for several layers at once: the forward pass and each class's backward
     passes are shared, so gradient CAMs for every layer cost no more passes than for one."""
     unknown_methods = [m for m in methods if m not in M.METHODS]
     if unknown_methods:
         raise UsageError(f"unknown method {unknown_methods[0]!r}; choose from {', '.join(M.METHODS)}")
-    targets = {name: find_layer(module, name) for name in layers}
-    with forward_pass(module, inputs, targets) as fp:
+    choose = target or top_classes(topk, class_ids)
+    modules = {name: find_layer(module, name) for name in layers}
+    with forward_pass(module, inputs, modules) as fp:
         missing = [name for name in layers if name not in fp.activations]
         if missing:
             raise UsageError(f"--layer {missing[0]} did not produce a tensor in the forward pass; "
                              "choose one listed by `gradcam layers`")
-        probabilities = fp.logits.detach().float().softmax(dim=1)
-        classes = choose_classes(probabilities, topk, class_ids)
-        ranks = [_explain_class(fp, classes[:, k], layers, methods) for k in range(classes.shape[1])]
+        chosen = choose(fp.logits.detach())
+        k = chosen.chosen.shape[1]
+        ranks = [_explain_class(fp, chosen.score(fp.logits)[:, r], layers, methods) for r in range(k)]
         gates = len(fp.gates) if {"guided", "deconv", "guided-gradcam"} & set(methods) else None
         acts = {name: fp.activations[name].detach() for name in layers}
-        logits = fp.logits.detach()
+        outputs = fp.logits.detach()
     size = tuple(inputs.shape[-2:])
     results = []
     for name in layers:
@@ -80,21 +76,21 @@ def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str
                 if (name, m) in ranks[0]}
         if "eigencam" in methods:  # class-agnostic: one map per image, shown for every class
             eigen = M.cam("eigencam", acts[name], None, size)[:, None]
-            maps["eigencam"] = eigen.expand(-1, classes.shape[1], -1, -1, -1).clone()
+            maps["eigencam"] = eigen.expand(-1, k, -1, -1, -1).clone()
         for method in M.PERTURBATION_CAMS:
             if method in methods:
-                maps[method] = _perturbation_cam(method, module, targets[name], inputs, acts[name],
-                                                 logits, classes, batch_size, progress)
-        results.append(Explanation(probabilities, classes, {m: maps[m] for m in methods}, name,
-                                   gates))
+                maps[method] = _perturbation_cam(method, module, modules[name], inputs, acts[name],
+                                                 outputs, chosen, batch_size, progress)
+        results.append(Explanation(chosen.table, chosen.chosen, {m: maps[m] for m in methods},
+                                   name, gates))
     return results
 
 
-def _explain_class(fp: ForwardPass, classes: torch.Tensor, layers: Sequence[str],
+def _explain_class(fp: ForwardPass, scores: torch.Tensor, layers: Sequence[str],
                    methods: Sequence[str]) -> dict[tuple[str, str], torch.Tensor]:
-    """The gradient maps for one class per image, keyed by (layer, method); each backward pass
+    """The gradient maps for one score per image, keyed by (layer, method); each backward pass
     is run once and shared by every layer (input-gradient maps are the same for all layers)."""
-    score = fp.logits.gather(1, classes[:, None]).sum()  # images are independent in eval mode
+    score = scores.sum()  # images are independent in eval mode, so one backward serves all
     size = tuple(fp.inputs.shape[-2:])
     wanted = set(methods) | ({"guided", "gradcam"} if "guided-gradcam" in methods else set())
     inputs: dict[str, torch.Tensor] = {}
@@ -120,20 +116,21 @@ def _explain_class(fp: ForwardPass, classes: torch.Tensor, layers: Sequence[str]
 
 
 def _perturbation_cam(method: str, module: nn.Module, layer: nn.Module, inputs: torch.Tensor,
-                      acts: torch.Tensor, logits: torch.Tensor, classes: torch.Tensor,
+                      acts: torch.Tensor, outputs: torch.Tensor, target: Target,
                       batch_size: int, progress: bool) -> torch.Tensor:
-    """Score-CAM or Ablation-CAM maps, NxKx1xHxW, from one CxK table of logits per image."""
+    """Score-CAM or Ablation-CAM maps, NxKx1xHxW, from one table of outputs per image (a row
+    per perturbed channel) turned into the K explained scores."""
     size = tuple(inputs.shape[-2:])
     images = []
     for i in range(len(inputs)):
         image, act = inputs[i:i + 1].detach(), acts[i:i + 1]
         if method == "scorecam":
-            table = P.score_logits(module, image, act, batch_size, progress)
-            weights = table[:, classes[i]].softmax(dim=0)  # softmax over channels, per class
+            table = target.score(P.score_logits(module, image, act, batch_size, progress), i)
+            weights = table.softmax(dim=0)  # softmax over channels, per explained score
         else:
-            table = P.ablation_logits(module, layer, image, batch_size, progress)
-            original = logits[i, classes[i]].float()
-            weights = (original - table[:, classes[i]]) / original
+            table = target.score(P.ablation_logits(module, layer, image, batch_size, progress), i)
+            original = target.score(outputs[i:i + 1].float(), i)[0]
+            weights = (original - table) / original
         images.append(torch.cat([M.weighted_cam(act, w[None], size) for w in weights.T]))
     return torch.stack(images)
 

@@ -204,7 +204,7 @@ def _write_image(model: LoadedModel, path: str | Path, crop: np.ndarray,
     width = len(str(len(model.categories) - 1))
     classes, rows = [], []
     for k, class_id in enumerate(first.classes[i].tolist()):
-        name, probability = model.categories[class_id], float(first.probabilities[i, class_id])
+        name, probability = model.categories[class_id], float(first.scores[i, class_id])
         class_dir = folder / f"r{k + 1}-c{class_id:0{width}d}-{slug(name)}"
         maps = {}
         for result in results:

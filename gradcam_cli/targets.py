@@ -1,0 +1,90 @@
+"""What is explained: the scalar score of each (image, rank) pair, chosen after the forward pass.
+
+A classifier explains the logit of a class; an embedding network explains the similarity of
+its embedding y to a proxy p (Bachhawat 2024, arXiv 2402.00909): y·p, or cos(y, p). Both are
+``Target``s: after the forward pass they pick K candidates per image and turn model outputs
+into the K scores whose gradients (or perturbed values) the methods use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UsageError
+
+SIMILARITIES = ("dot", "cosine")
+
+
+def similarity(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
+    """y·p or cos(y, p) over the last dimension, broadcasting the others."""
+    if kind == "dot":
+        return (a * b).sum(dim=-1)
+    if kind == "cosine":
+        return F.cosine_similarity(a, b, dim=-1, eps=1e-12)
+    raise UsageError(f"--similarity {kind}: choose from {', '.join(SIMILARITIES)}")
+
+
+@dataclass
+class Target:
+    """The K explained candidates per image and how outputs become their scores.
+
+    ``table`` holds every candidate's value per image (class probabilities, or similarities
+    to every proxy) for the records; ``chosen`` (NxK) indexes into it.
+    """
+
+    table: torch.Tensor
+    chosen: torch.Tensor
+    proxies: torch.Tensor | None = None   # NxKxD for similarity targets; None for logits
+    kind: str = "logit"
+
+    def score(self, outputs: torch.Tensor, image: int | None = None) -> torch.Tensor:
+        """NxK scores of a batch's outputs, or MxK for M perturbed copies of one ``image``."""
+        if self.proxies is None:
+            return outputs.gather(1, self.chosen) if image is None else outputs[:, self.chosen[image]]
+        proxies = self.proxies if image is None else self.proxies[image][None]
+        return similarity(outputs[:, None, :], proxies, self.kind)
+
+
+Chooser = Callable[[torch.Tensor], Target]
+
+
+def top_classes(topk: int = 3, class_ids: Sequence[int] = ()) -> Chooser:
+    """Explain each image's top-k classes by probability, or the given classes."""
+    def choose(logits: torch.Tensor) -> Target:
+        probabilities = logits.float().softmax(dim=1)
+        return Target(probabilities, choose_classes(probabilities, topk, class_ids))
+    return choose
+
+
+def top_proxies(proxies: torch.Tensor, kind: str = "dot", topk: int = 3) -> Chooser:
+    """Explain the k proxies most similar to each image's embedding.
+
+    ``proxies`` is PxD, shared by all images, or NxPxD when each image has its own (a query
+    left out of its own class's proxy).
+    """
+    def choose(embeddings: torch.Tensor) -> Target:
+        per_image = proxies if proxies.dim() == 3 else proxies.expand(len(embeddings), -1, -1)
+        table = similarity(embeddings[:, None, :].float(), per_image.float(), kind)
+        k = min(topk, table.shape[1])
+        chosen = table.topk(k, dim=1).indices
+        picked = per_image.gather(1, chosen[..., None].expand(-1, -1, per_image.shape[2]))
+        return Target(table, chosen, picked.to(embeddings.dtype), kind)
+    return choose
+
+
+def choose_classes(probabilities: torch.Tensor, topk: int,
+                   class_ids: Sequence[int] = ()) -> torch.Tensor:
+    """The classes to explain per image: the given ids for all images, or each one's top-k."""
+    n, classes = probabilities.shape
+    if class_ids:
+        bad = [c for c in class_ids if not 0 <= c < classes]
+        if bad:
+            raise UsageError(f"--class-id {bad[0]} is outside 0..{classes - 1}")
+        return torch.tensor(list(class_ids), device=probabilities.device).expand(n, -1)
+    if not 1 <= topk <= classes:
+        raise UsageError(f"--topk {topk} must be between 1 and {classes}")
+    return probabilities.topk(topk, dim=1).indices
