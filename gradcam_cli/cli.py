@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 
 import click
 import torch
@@ -18,13 +19,24 @@ from tqdm import tqdm
 
 from . import __version__
 from .errors import GradcamError, UsageError, unknown
-from .inputs import expand, parse_shard, read_image_list
+from .inputs import BadInput, expand, parse_shard, read_image_list
 from .inputs import shard as select
 from .methods import DEFAULT_METHODS, DESCRIPTIONS, METHODS
-from .models import ARCHITECTURES, LoadedModel, default_layer, load_model, spatial_layers, stage_layers
+from .models import (
+    ARCHITECTURES,
+    LoadedModel,
+    default_layer,
+    load_embedder,
+    load_model,
+    spatial_layers,
+    stage_layers,
+)
 from .pipeline import classify as classify_images
 from .pipeline import compare_layers as compare_images
+from .pipeline import embed as embed_images
 from .pipeline import resolve_layer, resolve_layers
+from .proxies import PROXY_KINDS, Candidates, Exemplars, read_exemplars
+from .targets import SIMILARITIES
 
 EXIT_CODES = """Exit codes: 0 every image done (or skipped); 1 at least one image failed, or an
 output could not be written; 2 usage error (bad option, unknown architecture, weights or layer),
@@ -94,8 +106,6 @@ def image_options(command: Callable) -> Callable:
                      help="An image, a folder (searched recursively) or a glob; repeatable."),
         click.option("--image-list", metavar="FILE",
                      help="Read image paths, one per line, from FILE (- for stdin)."),
-        click.option("--class-id", "class_ids", multiple=True, type=click.IntRange(min=0),
-                     help="Explain this class instead of the top-k; repeatable."),
         click.option("--output-dir", default="results", show_default=True, type=click.Path(),
                      help="Folder for the PNGs and JSON summaries."),
         click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
@@ -120,20 +130,28 @@ def image_options(command: Callable) -> Callable:
 @image_options
 @click.option("--topk", default=3, show_default=True, type=click.IntRange(min=1),
               help="Explain each image's k most probable classes.")
+@click.option("--class-id", "class_ids", multiple=True, type=click.IntRange(min=0),
+              help="Explain this class instead of the top-k; repeatable.")
 @click.option("--layer", help="Target layer for the CAM maps, dotted (layer4, features.28); "
                               "default: the architecture's last spatial block.")
 @click.option("--method", "methods", multiple=True, callback=lambda _c, _p, v: split_methods(v),
               help="Maps to compute, comma-separated or repeated (default: the five of "
                    "`classify`); `gradcam methods` lists them.")
-def classify(layer: str | None, methods: tuple[str, ...], **options: object) -> None:
+def classify(arch: str, weights: str, num_classes: int | None, labels: str | None,
+             unsafe_load: bool, cuda: bool | None, layer: str | None, methods: tuple[str, ...],
+             topk: int, class_ids: tuple[int, ...], **options: object) -> None:
     """Explain the top-k classes of a classifier with five maps per class."""
-    def start(model: LoadedModel) -> Callable[..., Iterator[dict]]:
+    def load() -> LoadedModel:
+        return load_model(arch, weights, num_classes, labels, unsafe_load, pick_device(cuda))
+
+    def start(model: LoadedModel, _items: list) -> Callable[..., Iterator[dict]]:
         chosen = resolve_layer(model, layer)
         if layer is None:
             click.echo(f"gradcam: target layer {chosen} (default for {model.arch}; "
                        "change with --layer)", err=True)
-        return partial(classify_images, layer=chosen, methods=methods or DEFAULT_METHODS)
-    run_images(start, **options)
+        return partial(classify_images, layer=chosen, methods=methods or DEFAULT_METHODS,
+                       topk=topk, class_ids=class_ids)
+    run_images(load, start, **options)
 
 
 @main.command("compare-layers", epilog=EXIT_CODES)
@@ -141,47 +159,138 @@ def classify(layer: str | None, methods: tuple[str, ...], **options: object) -> 
 @image_options
 @click.option("--topk", default=1, show_default=True, type=click.IntRange(min=1),
               help="Explain each image's k most probable classes.")
+@click.option("--class-id", "class_ids", multiple=True, type=click.IntRange(min=0),
+              help="Explain this class instead of the top-k; repeatable.")
 @click.option("--layers", "layers", metavar="A,B,…",
               help="Layers to compare, comma-separated (default: the stages that "
                    "`gradcam layers` marks).")
 @click.option("--method", "methods", multiple=True, callback=lambda _c, _p, v: split_methods(v),
               help="CAM methods to compute, comma-separated or repeated (default: gradcam).")
-def compare_layers(layers: str | None, methods: tuple[str, ...], **options: object) -> None:
+def compare_layers(arch: str, weights: str, num_classes: int | None, labels: str | None,
+                   unsafe_load: bool, cuda: bool | None, layers: str | None,
+                   methods: tuple[str, ...], topk: int, class_ids: tuple[int, ...],
+                   **options: object) -> None:
     """Compare CAM maps across layers: a row per layer, a column per method."""
-    def start(model: LoadedModel) -> Callable[..., Iterator[dict]]:
+    def load() -> LoadedModel:
+        return load_model(arch, weights, num_classes, labels, unsafe_load, pick_device(cuda))
+
+    def start(model: LoadedModel, _items: list) -> Callable[..., Iterator[dict]]:
         names = resolve_layers(model, [n.strip() for n in (layers or "").split(",") if n.strip()])
         if not layers:
             click.echo(f"gradcam: layers {', '.join(names)} (the stages of {model.arch}; "
                        "change with --layers)", err=True)
-        return partial(compare_images, layers=names, methods=methods or ("gradcam",))
-    run_images(start, **options)
+        return partial(compare_images, layers=names, methods=methods or ("gradcam",),
+                       topk=topk, class_ids=class_ids)
+    run_images(load, start, **options)
 
 
-def run_images(start: Callable[[LoadedModel], Callable[..., Iterator[dict]]], arch: str,
-               weights: str, num_classes: int | None, labels: str | None, unsafe_load: bool,
-               cuda: bool | None, images: tuple[str, ...], image_list: str | None, topk: int,
-               class_ids: tuple[int, ...], output_dir: str, batch_size: int,
+@main.group(cls=Group, invoke_without_command=True, epilog=EXIT_CODES)
+@click.option("--arch", metavar="NAME", help="A torchvision classifier used as embedding network.")
+@click.option("--weights", default="DEFAULT", show_default=True,
+              help="As for classify; with --embedding-dim, the trained network's checkpoint.")
+@click.option("--embedding-dim", type=click.IntRange(min=1), metavar="D",
+              help="Replace the head by a linear map to D dimensions (loaded from --weights); "
+                   "default: the penultimate features are the embedding.")
+@click.option("--unsafe-load", is_flag=True,
+              help="Allow a checkpoint that holds pickled Python objects (can run code).")
+@click.option("--cuda/--no-cuda", default=None, help="Run on CUDA (default: when available).")
+@image_options
+@click.option("--reference", "references", multiple=True, metavar="IMAGE",
+              help="Explain each query's similarity to this image, and back; repeatable.")
+@click.option("--proxies", "proxy_dir", type=click.Path(), metavar="DIR",
+              help="Folder with one sub-folder of exemplar images per class.")
+@click.option("--proxy-file", type=click.Path(), metavar="FILE",
+              help="Exemplars embedded once by `gradcam embed build-proxies`.")
+@click.option("--proxy", "proxy_kind", type=click.Choice(PROXY_KINDS), default="mean",
+              show_default=True, help="Class proxy: normalised mean, or the most typical exemplar.")
+@click.option("--similarity", type=click.Choice(SIMILARITIES), default="dot", show_default=True,
+              help="The explained score: y·p (as in the paper) or cos(y, p).")
+@click.option("--topk", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Explain each query's k most similar class proxies.")
+@click.option("--layer", help="Target layer for the CAM maps (default: as for classify).")
+@click.option("--layers", metavar="A,B,…", help="Several layers, comma-separated: rows per layer.")
+@click.option("--method", "methods", multiple=True, callback=lambda _c, _p, v: split_methods(v),
+              help="Maps to compute (default: the five of `classify`).")
+@click.pass_context
+def embed(ctx: click.Context, arch: str | None, weights: str, embedding_dim: int | None,
+          unsafe_load: bool, cuda: bool | None, references: tuple[str, ...],
+          proxy_dir: str | None, proxy_file: str | None, proxy_kind: str, similarity: str,
+          topk: int, layer: str | None, layers: str | None, methods: tuple[str, ...],
+          **options: object) -> None:
+    """Explain an embedding network: which regions make a query similar to a reference
+    image or to a class proxy (Grad-CAM for embeddings, arXiv 2402.00909)."""
+    if ctx.invoked_subcommand:
+        return
+    if not arch:
+        raise UsageError("--arch is required")
+    if sum(map(bool, (references, proxy_dir, proxy_file))) != 1:
+        raise UsageError("give exactly one of --reference IMAGE, --proxies DIR or --proxy-file FILE")
+    if references:  # the references are explained against the queries too
+        options["images"] = (*options["images"], *references)
+
+    def load() -> LoadedModel:
+        return load_embedder(arch, weights, embedding_dim, unsafe_load, pick_device(cuda))
+
+    def start(model: LoadedModel, items: list) -> Callable[..., Iterator[dict]]:
+        names = [n.strip() for n in (layers or "").split(",") if n.strip()]
+        if references:
+            refs = {str(Path(r).resolve()) for r in references}
+            queries = [i for i in items
+                       if not isinstance(i, BadInput) and str(Path(i).resolve()) not in refs]
+            candidates = Candidates.pairs(model, queries, list(references), options["batch_size"])
+            k = len(candidates.names)
+        else:
+            exemplars = (Exemplars.load(Path(proxy_file), arch) if proxy_file else
+                         read_exemplars(model, Path(proxy_dir), options["batch_size"]))
+            candidates, k = Candidates.from_exemplars(exemplars, proxy_kind), topk
+        return partial(embed_images, candidates=candidates, layer=layer, layers=names, topk=k,
+                       methods=methods or DEFAULT_METHODS, similarity=similarity)
+    run_images(load, start, **options)
+
+
+@embed.command("build-proxies")
+@click.argument("folder", type=click.Path())
+@click.option("--output", required=True, type=click.Path(), help="File to write (.pt).")
+@click.option("--arch", required=True, metavar="NAME", help="The embedding network, as for embed.")
+@click.option("--weights", default="DEFAULT", show_default=True, help="As for embed.")
+@click.option("--embedding-dim", type=click.IntRange(min=1), metavar="D", help="As for embed.")
+@click.option("--unsafe-load", is_flag=True, help="As for embed.")
+@click.option("--cuda/--no-cuda", default=None, help="Run on CUDA (default: when available).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+def build_proxies(folder: str, output: str, arch: str, weights: str, embedding_dim: int | None,
+                  unsafe_load: bool, cuda: bool | None, batch_size: int) -> None:
+    """Embed a folder of exemplars (one sub-folder per class) once, for --proxy-file."""
+    model = load_embedder(arch, weights, embedding_dim, unsafe_load, pick_device(cuda))
+    exemplars = read_exemplars(model, Path(folder), batch_size)
+    exemplars.save(Path(output), arch, model.weights)
+    click.echo(f"gradcam: {len(exemplars.paths)} exemplars of {len(exemplars.names)} classes "
+               f"-> {output}", err=True)
+
+
+def run_images(load: Callable[[], LoadedModel],
+               start: Callable[[LoadedModel, list], Callable[..., Iterator[dict]]],
+               images: tuple[str, ...], image_list: str | None, output_dir: str, batch_size: int,
                skip_existing: bool, shard: str | None, as_json: bool,
                progress: bool | None) -> None:
     """Load the model, run a command's pipeline over the images, report, and exit with its code.
 
-    ``start`` checks the command's own options against the model and returns the pipeline.
+    ``start`` checks the command's own options against the model and the inputs and returns
+    the pipeline.
     """
     paths = [*images, *(read_image_list(image_list) if image_list else [])]
     if not paths:
         raise UsageError("no images: give --image-path PATH or --image-list FILE")
     part = parse_shard(shard)
-    model = load_model(arch, weights, num_classes, labels, unsafe_load, pick_device(cuda))
-    pipeline = start(model)
     items = select(expand(paths), part)
+    model = load()
+    pipeline = start(model, items)
     show = sys.stderr.isatty() if progress is None else progress
     counts = Counter()
     began = time.perf_counter()
     with stop_on_interrupt() as stopped, tqdm(total=len(items), unit="img", disable=not show,
                                               file=sys.stderr) as bar:
-        records = pipeline(model, items, output_dir, topk=topk, class_ids=class_ids,
-                           batch_size=batch_size, skip_existing=skip_existing, stop=stopped,
-                           progress=show)
+        records = pipeline(model, items, output_dir=output_dir, batch_size=batch_size,
+                           skip_existing=skip_existing, stop=stopped, progress=show)
         for record in records:
             counts[record["status"]] += 1
             bar.update()
@@ -223,7 +332,8 @@ def _print_table(record: dict) -> None:
     where = ", ".join(record["layers"]) if "layers" in record else record["layer"]
     click.echo(f"{record['image']}  ({record['arch']} @ {where})")
     for c in record["classes"]:
-        click.echo(f"  {c['rank']:>2}  {c['probability']:8.4f}  {c['class_id']:>5}  {c['name']}")
+        value = c.get("probability", c.get("similarity"))
+        click.echo(f"  {c['rank']:>2}  {value:8.4f}  {c['class_id']:>5}  {c['name']}")
     click.echo(f"  -> {record['grid']}")
 
 

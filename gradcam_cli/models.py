@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,43 @@ def load_model(arch: str, weights: str = "DEFAULT", num_classes: int | None = No
     outputs = _output_size(module, enum.DEFAULT.meta["categories"])
     categories = read_labels(labels, outputs) if labels else _default_categories(enum, outputs)
     return LoadedModel(arch, module, categories, _preprocess(enum.DEFAULT, module), source)
+
+
+def load_embedder(arch: str, weights: str = "DEFAULT", embedding_dim: int | None = None,
+                  unsafe_load: bool = False, device: str | torch.device = "cpu") -> LoadedModel:
+    """A classifier used as an embedding network, its head (the last linear layer) replaced.
+
+    With ``embedding_dim`` the head becomes a linear map to that many dimensions, and a
+    checkpoint holds the whole metric-learning network, as its trainer saved it; without it
+    the head becomes the identity and the penultimate features are the embedding.
+    """
+    if embedding_dim is None:
+        model = load_model(arch, weights, unsafe_load=unsafe_load)
+        _replace_head(model.module, lambda _old: nn.Identity())
+    else:
+        if not (_is_checkpoint(weights) or weights.lower() == "none"):
+            raise UsageError("--embedding-dim needs --weights CHECKPOINT (the trained embedding "
+                             "network) or --weights none")
+        model = load_model(arch, "none")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            _replace_head(model.module, lambda old: nn.Linear(old.in_features, embedding_dim))
+        if weights.lower() != "none":
+            _load_state(model.module, read_checkpoint(Path(weights), unsafe_load), weights)
+            model.weights = str(weights)
+    model.module.eval().to(device)
+    model.categories = []
+    return model
+
+
+def _replace_head(module: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> None:
+    """Swap the network's last linear layer for ``make(old)``."""
+    heads = [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+    if not heads:
+        raise UsageError("this architecture has no linear head to turn into an embedding")
+    parent, _, attr = heads[-1].rpartition(".")
+    owner = find_layer(module, parent) if parent else module
+    setattr(owner, attr, make(getattr(owner, attr)))
 
 
 def _is_checkpoint(weights: str) -> bool:

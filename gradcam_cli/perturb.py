@@ -44,7 +44,7 @@ def score_logits(module: nn.Module, image: torch.Tensor, activations: torch.Tens
     acts = to_nchw(activations)[0].float()                      # C x h x w
     flat = acts.flatten(1)
     varying = (flat.amax(1) > flat.amin(1)).nonzero()[:, 0]
-    constant = (flat.amax(1) == flat.amin(1)).nonzero()[:, 0]
+    constant = (~(flat.amax(1) > flat.amin(1))).nonzero()[:, 0]  # NaN counts as constant
     fast = inference_copy(module)
     image = image.contiguous(memory_format=torch.channels_last)
     rows: dict[int, torch.Tensor] = {}

@@ -17,6 +17,7 @@ Output layout, one folder per image and model/layer (names sort by rank)::
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +34,9 @@ from .inputs import BadInput
 from .io import atomic_write, image_id, json_bytes, load_image, png_bytes, prepare_output_dir, slug
 from .methods import CAM_METHODS, DEFAULT_METHODS, GRADIENT_METHODS
 from .models import LoadedModel, default_layer, find_layer, stage_layers
+from .proxies import Candidates
 from .render import grid_image, map_image
+from .targets import SIMILARITIES, Chooser, top_proxies
 
 
 def resolve_layer(model: LoadedModel, layer: str | None) -> str:
@@ -71,7 +74,8 @@ def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     not started (how the CLI turns Ctrl-C into a clean stop). ``progress`` shows Score-CAM's
     and Ablation-CAM's per-image progress bars.
     """
-    job = Job([resolve_layer(model, layer)], topk, class_ids, methods, by_layer=False)
+    chosen = resolve_layer(model, layer)
+    job = Job([chosen], topk, class_ids, methods, by_layer=False, tag=f"{model.arch}@{chosen}")
     return _run(model, images, Path(output_dir), job, batch_size, skip_existing, stop, progress)
 
 
@@ -89,23 +93,54 @@ def compare_layers(model: LoadedModel, images: Sequence[Item], output_dir: str |
     if flat:
         raise UsageError(f"--method {flat[0]} does not depend on the layer; choose CAM methods "
                          f"({', '.join(CAM_METHODS)}) or guided-gradcam")
-    job = Job(resolve_layers(model, layers), topk, class_ids, methods, by_layer=True)
+    job = Job(resolve_layers(model, layers), topk, class_ids, methods, by_layer=True,
+              tag=f"{model.arch}@layers")
     return _run(model, images, Path(output_dir), job, batch_size, skip_existing, stop, progress)
 
 
 @dataclass(frozen=True)
 class Job:
-    """What to explain for every image, and whether outputs are kept apart by layer."""
+    """What to explain for every image, where its files go, and how candidates are named."""
 
     layers: list[str]
     topk: int
     class_ids: Sequence[int]
     methods: Sequence[str]
     by_layer: bool
+    tag: str                                           # the image's output sub-folder
+    names: Sequence[str] | None = None                 # candidates; None: the model's classes
+    value: str = "probability"                         # what a row's number is
+    target: Callable[[list[Path]], Chooser] | None = None  # None: top-k classes
 
-    def folder(self, out: Path, arch: str, image: Item) -> Path:
+    def folder(self, out: Path, image: Item) -> Path:
         """The image's output folder for this job."""
-        return out / image_id(image) / f"{arch}@{'layers' if self.by_layer else self.layers[0]}"
+        return out / image_id(image) / self.tag
+
+
+def embed(model: LoadedModel, images: Sequence[Item], candidates: Candidates,
+          output_dir: str | Path = "results", layer: str | None = None, layers: Sequence[str] = (),
+          topk: int = 3, methods: Sequence[str] = DEFAULT_METHODS, similarity: str = "dot",
+          batch_size: int = 8, skip_existing: bool = False,
+          stop: Callable[[], bool] = lambda: False, progress: bool = False) -> Iterator[dict]:
+    """Explain each query's similarity to its top-k ``candidates`` (proxies or references).
+
+    The explained score is y·p (``similarity="dot"``, as in Bachhawat 2024) or cos(y, p) of
+    the query's embedding y and the candidate p; rows are candidates, ranked by similarity.
+    With ``layers`` the rows are candidate x layer, as in ``compare_layers``.
+    """
+    names = list(layers) if layers else [resolve_layer(model, layer)]
+    for name in names:
+        find_layer(model.module, name)
+    if similarity not in SIMILARITIES:
+        raise UsageError(f"--similarity {similarity}: choose from {', '.join(SIMILARITIES)}")
+
+    def target(paths: list[Path]) -> Chooser:
+        vectors, valid = candidates.for_images(paths)
+        return top_proxies(vectors, similarity, topk, valid)
+    where = "layers" if layers else names[0]
+    job = Job(names, topk, (), methods, by_layer=bool(layers), tag=f"{model.arch}@{where}-embed",
+              names=candidates.names, value="similarity", target=target)
+    return _run(model, images, Path(output_dir), job, batch_size, skip_existing, stop, progress)
 
 
 def _run(model: LoadedModel, images: Sequence[Item], output_dir: Path, job: Job, batch_size: int,
@@ -115,7 +150,7 @@ def _run(model: LoadedModel, images: Sequence[Item], output_dir: Path, job: Job,
     device = next(model.module.parameters()).device
     todo = []
     for item in images:
-        done = _existing(out, model.arch, job, item) if skip_existing else None
+        done = _existing(out, job, item) if skip_existing else None
         todo.append(done or item)
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending = None
@@ -124,8 +159,9 @@ def _run(model: LoadedModel, images: Sequence[Item], output_dir: Path, job: Job,
             results = []
             if good:
                 x = torch.stack([model.preprocess.to_tensor(crop) for _, crop in good]).to(device)
+                target = job.target([path for path, _ in good]) if job.target else None
                 results = explain_layers(model.module, x, job.layers, job.topk, job.class_ids,
-                                         job.methods, batch_size, progress)
+                                         job.methods, batch_size, progress, target)
             written = writer.submit(_write_batch, model, batch, results, out, job)
             if pending:
                 yield from pending.result()
@@ -145,12 +181,12 @@ def _write_batch(model: LoadedModel, batch: list[Loaded], results: list[Explanat
             for item in batch]
 
 
-def _existing(out: Path, arch: str, job: Job, item: Item) -> dict | None:
+def _existing(out: Path, job: Job, item: Item) -> dict | None:
     """A "skipped" record when an earlier run of the same job left this image's summary and
     every file it lists."""
     if isinstance(item, BadInput):
         return None
-    summary = job.folder(out, arch, item) / "summary.json"
+    summary = job.folder(out, item) / "summary.json"
     try:
         record = json.loads(summary.read_text())
         maps = record["classes"][0]["maps"]
@@ -198,13 +234,17 @@ def _prefetch(model: LoadedModel, items: Sequence[Item | dict],
 def _write_image(model: LoadedModel, path: str | Path, crop: np.ndarray,
                  results: list[Explanation], i: int, out: Path, job: Job) -> dict:
     """Write one image's per-map PNGs, grid and summary; return its record."""
-    folder = job.folder(out, model.arch, path)
+    folder = job.folder(out, path)
     first = results[0]
     methods = list(first.maps)
-    width = len(str(len(model.categories) - 1))
+    names = job.names or model.categories
+    width = len(str(len(names) - 1))
+    letter = job.value[0]
     classes, rows = [], []
     for k, class_id in enumerate(first.classes[i].tolist()):
-        name, probability = model.categories[class_id], float(first.scores[i, class_id])
+        name, value = names[class_id], float(first.scores[i, class_id])
+        if not math.isfinite(value):
+            continue  # not a candidate for this image (its own side of a pair, or itself)
         class_dir = folder / f"r{k + 1}-c{class_id:0{width}d}-{slug(name)}"
         maps = {}
         for result in results:
@@ -213,10 +253,13 @@ def _write_image(model: LoadedModel, path: str | Path, crop: np.ndarray,
             files = {m: str(atomic_write(where / f"{m}.png", png_bytes(p)))
                      for m, p in zip(methods, pictures)}
             maps.update({result.layer: files} if job.by_layer else files)
-            label = f"{name}\np = {probability:.3f}" + (f"\n{result.layer}" if job.by_layer else "")
+            label = f"{name}\n{letter} = {value:.3f}" + (f"\n{result.layer}" if job.by_layer else "")
             rows.append((label, [crop, *pictures]))
         classes.append({"rank": k + 1, "class_id": class_id, "name": name,
-                        "probability": round(probability, 6), "maps": maps})
+                        job.value: round(value, 6), "maps": maps})
+    if not rows:
+        return {"image": str(path), "status": "error",
+                "error": f"{path}: no candidate to compare with (only itself, or its own side)"}
     where = {"layers": job.layers} if job.by_layer else {"layer": first.layer}
     record = {"image": str(path), "status": "ok", "arch": model.arch, "weights": model.weights,
               **where, "input_size": list(crop.shape[:2]), "relu_gates": first.gates,

@@ -60,15 +60,18 @@ def top_classes(topk: int = 3, class_ids: Sequence[int] = ()) -> Chooser:
     return choose
 
 
-def top_proxies(proxies: torch.Tensor, kind: str = "dot", topk: int = 3) -> Chooser:
+def top_proxies(proxies: torch.Tensor, kind: str = "dot", topk: int = 3,
+                valid: torch.Tensor | None = None) -> Chooser:
     """Explain the k proxies most similar to each image's embedding.
 
     ``proxies`` is PxD, shared by all images, or NxPxD when each image has its own (a query
-    left out of its own class's proxy).
+    left out of its own class's proxy); ``valid`` (NxP) marks proxies an image may not use.
     """
     def choose(embeddings: torch.Tensor) -> Target:
         per_image = proxies if proxies.dim() == 3 else proxies.expand(len(embeddings), -1, -1)
         table = similarity(embeddings[:, None, :].float(), per_image.float(), kind)
+        if valid is not None:
+            table = table.masked_fill(~valid, float("-inf"))
         k = min(topk, table.shape[1])
         chosen = table.topk(k, dim=1).indices
         picked = per_image.gather(1, chosen[..., None].expand(-1, -1, per_image.shape[2]))

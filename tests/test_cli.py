@@ -8,13 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
 from gradcam_cli import __version__
 from gradcam_cli.cli import main
 from gradcam_cli.methods import DEFAULT_METHODS, METHODS
+from gradcam_cli.models import load_embedder
 from gradcam_cli.render import GAP, LABEL_WIDTH, TITLE_HEIGHT
+
+from .conftest import make_image
 
 BASE = ["classify", "--arch", "resnet18", "--weights", "none", "--no-cuda"]
 
@@ -182,3 +186,64 @@ def test_compare_layers_refuses_layer_independent_methods(photo: Path, tmp_path:
                          "--image-path", str(photo), "--output-dir", str(tmp_path),
                          "--method", "vanilla")
     assert code == 2 and "--method vanilla does not depend on the layer" in err and out == ""
+
+
+EMBED = ["embed", "--arch", "resnet18", "--weights", "none", "--no-cuda"]
+
+
+def exemplar_folder(root: Path, photo: Path) -> Path:
+    """Two classes: 'cat' with the photo and a ramp, 'ramp' with another ramp."""
+    (root / "cat").mkdir(parents=True)
+    Image.open(photo).save(root / "cat" / "cat.png")
+    make_image(root / "cat" / "r1.png", size=(80, 60))
+    make_image(root / "ramp" / "r2.png", size=(60, 80))
+    return root
+
+
+def test_embed_with_proxies_from_a_folder_and_from_a_file(photo: Path, tmp_path: Path) -> None:
+    folder = exemplar_folder(tmp_path / "ex", photo)
+    query = folder / "cat" / "cat.png"
+    code, out, err = run(*EMBED, "--proxies", str(folder), "--image-path", str(query),
+                         "--output-dir", str(tmp_path / "o1"), "--json", "--method", "gradcam")
+    assert code == 0, err
+    record = json.loads(out)
+    assert [c["name"] for c in record["classes"]] and all("similarity" in c for c in record["classes"])
+    assert "@layer4-embed" in record["grid"] and Path(record["grid"]).is_file()
+    code, _, err = run("embed", "build-proxies", str(folder), "--output", str(tmp_path / "p.pt"),
+                       "--arch", "resnet18", "--weights", "none", "--no-cuda")
+    assert code == 0 and "3 exemplars of 2 classes" in err
+    code, out2, _ = run(*EMBED, "--proxy-file", str(tmp_path / "p.pt"), "--image-path", str(query),
+                        "--output-dir", str(tmp_path / "o2"), "--json", "--method", "gradcam")
+    again = json.loads(out2)
+    assert [(c["name"], c["similarity"]) for c in again["classes"]] == \
+        [(c["name"], c["similarity"]) for c in record["classes"]]
+
+
+def test_embed_references_explains_both_sides(photo: Path, tmp_path: Path) -> None:
+    other = make_image(tmp_path / "ref.png", size=(80, 60))
+    code, out, err = run(*EMBED, "--reference", str(other), "--image-path", str(photo),
+                         "--output-dir", str(tmp_path / "o"), "--json", "--method", "gradcam",
+                         "--similarity", "cosine")
+    assert code == 0, err
+    records = {Path(r["image"]).name: r for r in map(json.loads, out.splitlines())}
+    assert [c["name"] for c in records["cat.jpg"]["classes"]] == ["ref.png"]
+    assert [c["name"] for c in records["ref.png"]["classes"]] == ["cat.jpg"]
+    assert records["cat.jpg"]["classes"][0]["similarity"] == \
+        records["ref.png"]["classes"][0]["similarity"]  # cosine is symmetric
+
+
+def test_embed_needs_exactly_one_source(photo: Path, tmp_path: Path) -> None:
+    code, out, err = run(*EMBED, "--image-path", str(photo), "--output-dir", str(tmp_path))
+    assert code == 2 and "exactly one of --reference" in err and out == ""
+
+
+def test_embed_with_a_trained_embedding_checkpoint(photo: Path, tmp_path: Path) -> None:
+    model = load_embedder("resnet18", "none", embedding_dim=8)
+    torch.save(model.module.state_dict(), tmp_path / "embedder.pt")
+    reference = make_image(tmp_path / "ref.png")
+    args = [*EMBED[:2], "resnet18", "--no-cuda", "--embedding-dim", "8", "--reference", str(reference),
+            "--image-path", str(photo), "--output-dir", str(tmp_path / "o"), "--method", "gradcam"]
+    code, _, err = run(*args, "--weights", str(tmp_path / "embedder.pt"))
+    assert code == 0, err
+    code, _, err = run(*args[:5], "16", *args[6:], "--weights", str(tmp_path / "embedder.pt"))
+    assert code == 2 and "fc.weight: checkpoint (8, 512) vs model (16, 512)" in err
