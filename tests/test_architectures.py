@@ -35,6 +35,45 @@ def no_positive_evidence(module: torch.nn.Module, x: torch.Tensor, layer: str, c
     return bool(((grad.mean(dim=(2, 3), keepdim=True) * acts).sum(dim=1) <= 0).all())
 
 
+def channel_mean_is_negative(module: torch.nn.Module, x: torch.Tensor, layer: str) -> bool:
+    """Score-CAM's softmax weights are nearly uniform for a random network (maxvit_t on the
+    sample: largest weight 0.00199 against 1/512 = 0.00195), so its map is ReLU of about the
+    channel mean of the activations: blank exactly where that mean is negative everywhere."""
+    kept = {}
+    handle = find_layer(module, layer).register_forward_hook(
+        lambda _m, _i, out: kept.update(a=out.detach()) if "a" not in kept else None)
+    try:
+        with torch.no_grad():
+            module.eval()(x)
+    finally:
+        handle.remove()
+    return bool((to_nchw(kept["a"]).mean(dim=1) < 0).all())
+
+
+def ablation_is_blank(module: torch.nn.Module, x: torch.Tensor, layer: str, cls: int) -> bool:
+    """Recompute Ablation-CAM's weights the plain way (a hook swaps in the ablated outputs,
+    the whole network runs for every channel) and check Σ_k w_k A^k ≤ 0 everywhere."""
+    target, kept = find_layer(module, layer), {}
+    handle = target.register_forward_hook(
+        lambda _m, _i, out: kept.update(a=out.detach()) if "a" not in kept else None)
+    with torch.no_grad():
+        original = module.eval()(x)[0, cls]
+    handle.remove()
+    acts = kept["a"]
+    scores = []
+    for start in range(0, acts.shape[1], 64):
+        channels = range(start, min(start + 64, acts.shape[1]))
+        ablated = acts.repeat(len(channels), 1, 1, 1)
+        for row, channel in enumerate(channels):
+            ablated[row, channel] = 0
+        handle = target.register_forward_hook(lambda _m, _i, _o, a=ablated: a)
+        with torch.no_grad():
+            scores.append(module(x.expand(len(channels), -1, -1, -1))[:, cls])
+        handle.remove()
+    weights = (original - torch.cat(scores)) / original
+    return bool(((weights[:, None, None] * to_nchw(acts)[0]).sum(dim=0) <= 0).all())
+
+
 def check_architecture(arch: str, methods: Sequence[str] = DEFAULT_METHODS) -> None:
     """Explain the sample cat's top-2 classes at the model's own input size and check the maps.
 
@@ -56,6 +95,11 @@ def check_architecture(arch: str, methods: Sequence[str] = DEFAULT_METHODS) -> N
             if m.max() == m.min() and method in ("gradcam", "guided-gradcam"):
                 cls = int(result.classes[0, k])
                 assert m.max() == 0 and no_positive_evidence(model.module, x, layer, cls), (arch, k)
+            elif m.max() == m.min() and method == "scorecam":
+                assert m.max() == 0 and channel_mean_is_negative(model.module, x, layer), (arch, k)
+            elif m.max() == m.min() and method == "ablationcam":
+                cls = int(result.classes[0, k])
+                assert m.max() == 0 and ablation_is_blank(model.module, x, layer, cls), (arch, k)
             else:
                 assert m.max() > m.min(), (arch, method, k)
 

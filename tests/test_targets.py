@@ -54,3 +54,81 @@ def test_invalid_candidates_rank_last_and_are_never_chosen_first() -> None:
     valid = torch.tensor([[True, False, True]])
     target = top_proxies(proxies, "dot", 2, valid)(torch.tensor([[0.0, 5.0, 1.0]]))
     assert target.chosen.tolist() == [[2, 0]] and target.table[0, 1] == float("-inf")
+
+
+SIZE, OBJECT = 40, 10
+
+
+def object_shapes() -> torch.Tensor:
+    """Four 10x10 white-on-black patterns: hollow square, plus, X, corner."""
+    s = torch.zeros(4, OBJECT, OBJECT)
+    s[0, 1:-1, 1:-1] = 1
+    s[0, 3:-3, 3:-3] = 0
+    s[1, 4:6, :] = 1
+    s[1, :, 4:6] = 1
+    diagonal = torch.arange(OBJECT)
+    s[2, diagonal, diagonal] = 1
+    s[2, diagonal, OBJECT - 1 - diagonal] = 1
+    s[3, :2, :] = 1
+    s[3, :, :2] = 1
+    return s
+
+
+def scenes(n: int, g: torch.Generator, classes: torch.Tensor | None = None):
+    """Cluttered random backgrounds, each with one object at a random place; the object's
+    pattern alone decides the class."""
+    background = F.interpolate(torch.rand(n, 3, 5, 5, generator=g), size=(SIZE, SIZE),
+                               mode="bilinear", align_corners=False)
+    x = 0.6 * background + 0.2 * torch.rand(n, 3, SIZE, SIZE, generator=g)
+    classes = torch.randint(0, 4, (n,), generator=g) if classes is None else classes
+    where = torch.randint(0, SIZE - OBJECT, (n, 2), generator=g)
+    shapes = object_shapes()
+    for i, (r, c) in enumerate(where.tolist()):
+        x[i, :, r:r + OBJECT, c:c + OBJECT] = shapes[classes[i]]
+    return x, classes, where
+
+
+class TinyEmbedder(torch.nn.Module):
+    """Three convolutions, global max pooling, a linear map to 16 dimensions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.features = torch.nn.Sequential(conv(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                            conv(16, 32, 3, padding=1, stride=2), torch.nn.ReLU(),
+                                            conv(32, 32, 3, padding=1), torch.nn.ReLU())
+        self.head = torch.nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).amax(dim=(2, 3)))
+
+
+def test_trained_embedding_pair_maps_peak_on_the_shared_object() -> None:
+    """Train a metric network (normalised-softmax proxies) on generated scenes in seconds; for
+    pairs sharing an object at different places on different backgrounds, each side's
+    Grad-CAM of y·y' must peak on its object (within 3 px). Seeds are fixed; measured 40/40
+    hits here, the test asks for 36/40."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    net, proxies = TinyEmbedder(), torch.nn.Parameter(torch.randn(4, 16))
+    optimiser = torch.optim.Adam([*net.parameters(), proxies], lr=3e-3)
+    for _ in range(150):
+        x, y, _ = scenes(32, g)
+        logits = 10 * F.normalize(net(x), dim=1) @ F.normalize(proxies, dim=1).T
+        loss = F.cross_entropy(logits, y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    net.eval()
+    hits = 0
+    for _ in range(20):
+        x, _, where = scenes(2, g, torch.randint(0, 4, (1,), generator=g).repeat(2))
+        with torch.no_grad():
+            embeddings = net(x)
+        for side in (0, 1):
+            result = explain(net, x[side:side + 1], "features", methods=["gradcam"],
+                             target=top_proxies(embeddings[1 - side][None], "dot", 1))
+            r, c = divmod(int(result.maps["gradcam"][0, 0, 0].argmax()), SIZE)
+            top, left = where[side].tolist()
+            hits += top - 3 <= r < top + OBJECT + 3 and left - 3 <= c < left + OBJECT + 3
+    assert hits >= 36, f"{hits}/40 pair maps peak on the shared object"
