@@ -247,3 +247,14 @@ def test_embed_with_a_trained_embedding_checkpoint(photo: Path, tmp_path: Path) 
     assert code == 0, err
     code, _, err = run(*args[:5], "16", *args[6:], "--weights", str(tmp_path / "embedder.pt"))
     assert code == 2 and "fc.weight: checkpoint (8, 512) vs model (16, 512)" in err
+
+
+def test_embed_rows_per_layer(photo: Path, tmp_path: Path) -> None:
+    other = make_image(tmp_path / "ref.png", size=(80, 60))
+    code, out, err = run(*EMBED, "--reference", str(other), "--image-path", str(photo),
+                         "--output-dir", str(tmp_path / "o"), "--json", "--method", "gradcam,layercam",
+                         "--layers", "layer3,layer4")
+    assert code == 0, err
+    record = json.loads(out.splitlines()[0])
+    assert record["layers"] == ["layer3", "layer4"] and "@layers-embed" in record["grid"]
+    assert list(record["classes"][0]["maps"]) == ["layer3", "layer4"]
