@@ -71,26 +71,30 @@ def split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def model_options(command: Callable) -> Callable:
-    """The options every model-loading command shares."""
-    options = [
-        click.option("--arch", required=True, metavar="NAME",
-                     help="A torchvision classifier, e.g. resnet152 (see torchvision.models)."),
-        click.option("--weights", default="DEFAULT", show_default=True,
-                     help="DEFAULT, a weights name (IMAGENET1K_V2), none (random), "
-                          "or a .pt/.pth/.safetensors checkpoint path."),
-        click.option("--num-classes", type=click.IntRange(min=1),
-                     help="Classes of a checkpoint's head when not ImageNet's 1000."),
-        click.option("--labels", type=click.Path(dir_okay=False),
-                     help="Class names, one per line, for a checkpoint's head."),
-        click.option("--unsafe-load", is_flag=True,
-                     help="Allow a checkpoint that holds pickled Python objects (can run code)."),
-        click.option("--cuda/--no-cuda", default=None,
-                     help="Run on CUDA (default: when available)."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def option_group(*options: Callable[[Callable], Callable]) -> Callable[[Callable], Callable]:
+    """Bundle click options into one decorator that adds them in the order listed."""
+    def apply(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return apply
+
+
+model_options = option_group(
+    click.option("--arch", required=True, metavar="NAME",
+                 help="A torchvision classifier, e.g. resnet152 (see torchvision.models)."),
+    click.option("--weights", default="DEFAULT", show_default=True,
+                 help="DEFAULT, a weights name (IMAGENET1K_V2), none (random), "
+                      "or a .pt/.pth/.safetensors checkpoint path."),
+    click.option("--num-classes", type=click.IntRange(min=1),
+                 help="Classes of a checkpoint's head when not ImageNet's 1000."),
+    click.option("--labels", type=click.Path(dir_okay=False),
+                 help="Class names, one per line, for a checkpoint's head."),
+    click.option("--unsafe-load", is_flag=True,
+                 help="Allow a checkpoint that holds pickled Python objects (can run code)."),
+    click.option("--cuda/--no-cuda", default=None,
+                 help="Run on CUDA (default: when available)."),
+)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -99,30 +103,25 @@ def main() -> None:
     """Show why a vision network decided what it did."""
 
 
-def image_options(command: Callable) -> Callable:
-    """The options every command that runs over images shares."""
-    options = [
-        click.option("--image-path", "images", multiple=True, metavar="PATH",
-                     help="An image, a folder (searched recursively) or a glob; repeatable."),
-        click.option("--image-list", metavar="FILE",
-                     help="Read image paths, one per line, from FILE (- for stdin)."),
-        click.option("--output-dir", default="results", show_default=True, type=click.Path(),
-                     help="Folder for the PNGs and JSON summaries."),
-        click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
-                     help="Images per forward pass; also perturbed copies per pass for "
-                          "Score-CAM and Ablation-CAM."),
-        click.option("--skip-existing", is_flag=True,
-                     help="Skip images whose outputs are all present (resume an interrupted run)."),
-        click.option("--shard", metavar="I/N",
-                     help="Process only the I-th of N disjoint parts of the inputs."),
-        click.option("--json", "as_json", is_flag=True,
-                     help="Print one JSON record per image on stdout (JSON lines) instead of a table."),
-        click.option("--progress/--quiet", default=None,
-                     help="Progress bar on stderr (default: when stderr is a terminal)."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+image_options = option_group(
+    click.option("--image-path", "images", multiple=True, metavar="PATH",
+                 help="An image, a folder (searched recursively) or a glob; repeatable."),
+    click.option("--image-list", metavar="FILE",
+                 help="Read image paths, one per line, from FILE (- for stdin)."),
+    click.option("--output-dir", default="results", show_default=True, type=click.Path(),
+                 help="Folder for the PNGs and JSON summaries."),
+    click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+                 help="Images per forward pass; also perturbed copies per pass for "
+                      "Score-CAM and Ablation-CAM."),
+    click.option("--skip-existing", is_flag=True,
+                 help="Skip images whose outputs are all present (resume an interrupted run)."),
+    click.option("--shard", metavar="I/N",
+                 help="Process only the I-th of N disjoint parts of the inputs."),
+    click.option("--json", "as_json", is_flag=True,
+                 help="Print one JSON record per image on stdout (JSON lines) instead of a table."),
+    click.option("--progress/--quiet", default=None,
+                 help="Progress bar on stderr (default: when stderr is a terminal)."),
+)
 
 
 @main.command(epilog=EXIT_CODES)

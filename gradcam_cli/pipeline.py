@@ -70,8 +70,8 @@ def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     never stops the others. Images are decoded in a background thread one batch ahead, and a
     batch's files are rendered and written in another thread while the next batch is
     explained; at most three batches are in memory at once, whatever the number of images.
-    ``stop`` is asked after each batch: when it says yes, the images after that batch are
-    not started (how the CLI turns Ctrl-C into a clean stop). ``progress`` shows Score-CAM's
+    ``stop`` is asked after each batch: when it says yes, the batches under way are written
+    and no other is started (how the CLI turns Ctrl-C into a clean stop). ``progress`` shows Score-CAM's
     and Ablation-CAM's per-image progress bars.
     """
     chosen = resolve_layer(model, layer)
