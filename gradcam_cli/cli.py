@@ -140,9 +140,6 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
              unsafe_load: bool, cuda: bool | None, layer: str | None, methods: tuple[str, ...],
              topk: int, class_ids: tuple[int, ...], **options: object) -> None:
     """Explain the top-k classes of a classifier with five maps per class."""
-    def load() -> LoadedModel:
-        return load_model(arch, weights, num_classes, labels, unsafe_load, pick_device(cuda))
-
     def start(model: LoadedModel, _items: list) -> Callable[..., Iterator[dict]]:
         chosen = resolve_layer(model, layer)
         if layer is None:
@@ -150,6 +147,7 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
                        "change with --layer)", err=True)
         return partial(classify_images, layer=chosen, methods=methods or DEFAULT_METHODS,
                        topk=topk, class_ids=class_ids)
+    load = partial(load_model, arch, weights, num_classes, labels, unsafe_load, pick_device(cuda))
     run_images(load, start, **options)
 
 
@@ -170,9 +168,6 @@ def compare_layers(arch: str, weights: str, num_classes: int | None, labels: str
                    methods: tuple[str, ...], topk: int, class_ids: tuple[int, ...],
                    **options: object) -> None:
     """Compare CAM maps across layers: a row per layer, a column per method."""
-    def load() -> LoadedModel:
-        return load_model(arch, weights, num_classes, labels, unsafe_load, pick_device(cuda))
-
     def start(model: LoadedModel, _items: list) -> Callable[..., Iterator[dict]]:
         names = resolve_layers(model, [n.strip() for n in (layers or "").split(",") if n.strip()])
         if not layers:
@@ -180,6 +175,7 @@ def compare_layers(arch: str, weights: str, num_classes: int | None, labels: str
                        "change with --layers)", err=True)
         return partial(compare_images, layers=names, methods=methods or ("gradcam",),
                        topk=topk, class_ids=class_ids)
+    load = partial(load_model, arch, weights, num_classes, labels, unsafe_load, pick_device(cuda))
     run_images(load, start, **options)
 
 
@@ -227,9 +223,6 @@ def embed(ctx: click.Context, arch: str | None, weights: str, embedding_dim: int
     if references:  # the references are explained against the queries too
         options["images"] = (*options["images"], *references)
 
-    def load() -> LoadedModel:
-        return load_embedder(arch, weights, embedding_dim, unsafe_load, pick_device(cuda))
-
     def start(model: LoadedModel, items: list) -> Callable[..., Iterator[dict]]:
         names = [n.strip() for n in (layers or "").split(",") if n.strip()]
         if references:
@@ -244,6 +237,7 @@ def embed(ctx: click.Context, arch: str | None, weights: str, embedding_dim: int
             candidates, k = Candidates.from_exemplars(exemplars, proxy_kind), topk
         return partial(embed_images, candidates=candidates, layer=layer, layers=names, topk=k,
                        methods=methods or DEFAULT_METHODS, similarity=similarity)
+    load = partial(load_embedder, arch, weights, embedding_dim, unsafe_load, pick_device(cuda))
     run_images(load, start, **options)
 
 

@@ -128,9 +128,7 @@ def embed(model: LoadedModel, images: Sequence[Item], candidates: Candidates,
     the query's embedding y and the candidate p; rows are candidates, ranked by similarity.
     With ``layers`` the rows are candidate x layer, as in ``compare_layers``.
     """
-    names = list(layers) if layers else [resolve_layer(model, layer)]
-    for name in names:
-        find_layer(model.module, name)
+    names = resolve_layers(model, layers) if layers else [resolve_layer(model, layer)]
     if similarity not in SIMILARITIES:
         raise UsageError(f"--similarity {similarity}: choose from {', '.join(SIMILARITIES)}")
 
