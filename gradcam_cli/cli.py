@@ -124,13 +124,20 @@ image_options = option_group(
 )
 
 
+def class_options(topk: int) -> Callable[[Callable], Callable]:
+    """--topk (with the command's default) and --class-id."""
+    return option_group(
+        click.option("--topk", default=topk, show_default=True, type=click.IntRange(min=1),
+                     help="Explain each image's k most probable classes."),
+        click.option("--class-id", "class_ids", multiple=True, type=click.IntRange(min=0),
+                     help="Explain this class instead of the top-k; repeatable."),
+    )
+
+
 @main.command(epilog=EXIT_CODES)
 @model_options
 @image_options
-@click.option("--topk", default=3, show_default=True, type=click.IntRange(min=1),
-              help="Explain each image's k most probable classes.")
-@click.option("--class-id", "class_ids", multiple=True, type=click.IntRange(min=0),
-              help="Explain this class instead of the top-k; repeatable.")
+@class_options(topk=3)
 @click.option("--layer", help="Target layer for the CAM maps, dotted (layer4, features.28); "
                               "default: the architecture's last spatial block.")
 @click.option("--method", "methods", multiple=True, callback=lambda _c, _p, v: split_methods(v),
@@ -154,10 +161,7 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
 @main.command("compare-layers", epilog=EXIT_CODES)
 @model_options
 @image_options
-@click.option("--topk", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Explain each image's k most probable classes.")
-@click.option("--class-id", "class_ids", multiple=True, type=click.IntRange(min=0),
-              help="Explain this class instead of the top-k; repeatable.")
+@class_options(topk=1)
 @click.option("--layers", "layers", metavar="A,B,…",
               help="Layers to compare, comma-separated (default: the stages that "
                    "`gradcam layers` marks).")

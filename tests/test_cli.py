@@ -219,13 +219,17 @@ def test_embed_with_proxies_from_a_folder_and_from_a_file(photo: Path, tmp_path:
         [(c["name"], c["similarity"]) for c in record["classes"]]
 
 
-def test_embed_references_explains_both_sides(photo: Path, tmp_path: Path) -> None:
+def embed_pair(photo: Path, tmp_path: Path, *options: str) -> dict[str, dict]:
+    """Run embed with the photo as query and a ramp as reference; records by file name."""
     other = make_image(tmp_path / "ref.png", size=(80, 60))
     code, out, err = run(*EMBED, "--reference", str(other), "--image-path", str(photo),
-                         "--output-dir", str(tmp_path / "o"), "--json", "--method", "gradcam",
-                         "--similarity", "cosine")
+                         "--output-dir", str(tmp_path / "o"), "--json", *options)
     assert code == 0, err
-    records = {Path(r["image"]).name: r for r in map(json.loads, out.splitlines())}
+    return {Path(r["image"]).name: r for r in map(json.loads, out.splitlines())}
+
+
+def test_embed_references_explains_both_sides(photo: Path, tmp_path: Path) -> None:
+    records = embed_pair(photo, tmp_path, "--method", "gradcam", "--similarity", "cosine")
     assert [c["name"] for c in records["cat.jpg"]["classes"]] == ["ref.png"]
     assert [c["name"] for c in records["ref.png"]["classes"]] == ["cat.jpg"]
     assert records["cat.jpg"]["classes"][0]["similarity"] == \
@@ -250,11 +254,7 @@ def test_embed_with_a_trained_embedding_checkpoint(photo: Path, tmp_path: Path) 
 
 
 def test_embed_rows_per_layer(photo: Path, tmp_path: Path) -> None:
-    other = make_image(tmp_path / "ref.png", size=(80, 60))
-    code, out, err = run(*EMBED, "--reference", str(other), "--image-path", str(photo),
-                         "--output-dir", str(tmp_path / "o"), "--json", "--method", "gradcam,layercam",
-                         "--layers", "layer3,layer4")
-    assert code == 0, err
-    record = json.loads(out.splitlines()[0])
+    record = embed_pair(photo, tmp_path, "--method", "gradcam,layercam",
+                        "--layers", "layer3,layer4")["cat.jpg"]
     assert record["layers"] == ["layer3", "layer4"] and "@layers-embed" in record["grid"]
     assert list(record["classes"][0]["maps"]) == ["layer3", "layer4"]
