@@ -130,17 +130,23 @@ def replayed_prefix(module: nn.Module, layer: nn.Module,
     """Run once; then let each module that ran once, before ``layer``, replay its output.
 
     Yields the layer's output and the logits of that run. Outputs are recorded as copies when
-    produced and handed out as copies, so in-place operations downstream change nothing.
+    produced and handed out as copies, so in-place operations downstream change nothing; when
+    a module finishes, the copies of the modules inside it are dropped, since its own replays
+    them all, so memory holds only the outermost finished modules' outputs.
     """
     recorded: dict[nn.Module, torch.Tensor] = {}
     calls: Counter[nn.Module] = Counter()
     seen: dict[str, torch.Tensor] = {}
+    names = {m: name for name, m in module.named_modules()}
 
     def record(m: nn.Module, _i: object, out: object) -> None:
         calls[m] += 1
         if m is layer:
             seen["output"] = out.clone()
         elif "output" not in seen and isinstance(out, torch.Tensor):
+            inside = names[m] + "."
+            for inner in [d for d in recorded if names[d].startswith(inside)]:
+                del recorded[inner]
             recorded[m] = out.clone()
 
     handles = [m.register_forward_hook(record) for m in module.modules() if m is not module]
