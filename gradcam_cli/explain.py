@@ -65,7 +65,8 @@ def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str
                              "choose one listed by `gradcam layers`")
         chosen = choose(fp.logits.detach())
         k = chosen.chosen.shape[1]
-        ranks = [_explain_class(fp, chosen.score(fp.logits)[:, r], layers, methods) for r in range(k)]
+        scores = chosen.score(fp.logits)  # NxK, one graph shared by every backward pass
+        ranks = [_explain_class(fp, scores[:, r], layers, methods) for r in range(k)]
         gates = len(fp.gates) if {"guided", "deconv", "guided-gradcam"} & set(methods) else None
         acts = {name: fp.activations[name].detach() for name in layers}
         outputs = fp.logits.detach()
@@ -122,10 +123,11 @@ def _perturbation_cam(method: str, module: nn.Module, layer: nn.Module, inputs: 
     per perturbed channel) turned into the K explained scores."""
     size = tuple(inputs.shape[-2:])
     images = []
+    fast = P.inference_copy(module) if method == "scorecam" else None  # one copy per batch
     for i in range(len(inputs)):
         image, act = inputs[i:i + 1].detach(), acts[i:i + 1]
-        if method == "scorecam":
-            table = target.score(P.score_logits(module, image, act, batch_size, progress), i)
+        if fast is not None:
+            table = target.score(P.score_logits(fast, image, act, batch_size, progress), i)
             weights = table.softmax(dim=0)  # softmax over channels, per explained score
         else:
             table = target.score(P.ablation_logits(module, layer, image, batch_size, progress), i)

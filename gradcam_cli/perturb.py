@@ -34,18 +34,17 @@ def _chunks(indices: torch.Tensor, size: int, desc: str, progress: bool) -> Iter
     yield from tqdm(parts, desc=desc, unit="batch", leave=False, disable=not progress)
 
 
-def score_logits(module: nn.Module, image: torch.Tensor, activations: torch.Tensor,
+def score_logits(fast: nn.Module, image: torch.Tensor, activations: torch.Tensor,
                  batch_size: int = 32, progress: bool = False) -> torch.Tensor:
     """Logits of ``image`` (1x3xHxW) masked by each channel of ``activations``: a CxK table.
 
-    Masks are upsampled a batch at a time, never all at once, and the passes run on a copy of
-    the model prepared for inference (``inference_copy``).
+    ``fast`` is the model prepared once by ``inference_copy`` and reused for every image;
+    masks are upsampled a batch at a time, never all at once.
     """
     acts = to_nchw(activations)[0].float()                      # C x h x w
     flat = acts.flatten(1)
-    varying = (flat.amax(1) > flat.amin(1)).nonzero()[:, 0]
-    constant = (~(flat.amax(1) > flat.amin(1))).nonzero()[:, 0]  # NaN counts as constant
-    fast = inference_copy(module)
+    varies = flat.amax(1) > flat.amin(1)                        # NaN counts as constant
+    varying, constant = varies.nonzero()[:, 0], (~varies).nonzero()[:, 0]
     image = image.contiguous(memory_format=torch.channels_last)
     rows: dict[int, torch.Tensor] = {}
     with torch.inference_mode():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torchvision
 from torch import nn
@@ -80,8 +79,7 @@ def test_ablation_falls_back_to_full_passes_when_replay_fails() -> None:
                           atol=1e-6)
 
 
-def test_score_logits_equal_masked_passes_and_share_constant_channels(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_score_logits_equal_masked_passes_and_share_constant_channels() -> None:
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
     with torch.no_grad():
         model[0].weight[2] = 0  # channel 2 is constant: bias only
@@ -94,14 +92,9 @@ def test_score_logits_equal_masked_passes_and_share_constant_channels(
             mask = (a - a.min()) / (a.max() - a.min()) if a.max() > a.min() else torch.zeros_like(a)
             expected.append(model(image * mask)[0])
     passes = []
-    copies = []
-
-    def counted(module: nn.Module) -> nn.Module:
-        copies.append(inference_copy(module))
-        copies[-1].register_forward_hook(lambda _m, i, _o: passes.append(len(i[0])))
-        return copies[-1]
-    monkeypatch.setattr("gradcam_cli.perturb.inference_copy", counted)
-    table = score_logits(model, image, acts, batch_size=2)
+    fast = inference_copy(model)
+    fast.register_forward_hook(lambda _m, i, _o: passes.append(len(i[0])))
+    table = score_logits(fast, image, acts, batch_size=2)
     assert torch.allclose(table, torch.stack(expected), atol=1e-6)
     assert passes == [1, 2]  # the constant channel's blank input once, then channels 0 and 1
 
