@@ -12,31 +12,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
 from tqdm import tqdm
 
 from . import __version__
+from .choices import BASELINES, PROXY_KINDS, SIMILARITIES
 from .errors import GradcamError, UsageError, unknown
 from .inputs import BadInput, expand, parse_shard, read_image_list
 from .inputs import shard as select
-from .methods import DEFAULT_METHODS, DESCRIPTIONS, METHODS
-from .models import (
-    ARCHITECTURES,
-    LoadedModel,
-    default_layer,
-    load_embedder,
-    load_model,
-    spatial_layers,
-    stage_layers,
-)
-from .pipeline import classify as classify_images
-from .pipeline import compare_layers as compare_images
-from .pipeline import embed as embed_images
-from .pipeline import resolve_layer, resolve_layers
-from .proxies import PROXY_KINDS, Candidates, Exemplars, read_exemplars
-from .targets import SIMILARITIES
+
+if TYPE_CHECKING:  # the library is imported inside each command, so `--help` stays quick
+    import torch
+
+    from .models import LoadedModel
 
 EXIT_CODES = """Exit codes: 0 every image done (or skipped); 1 at least one image failed, or an
 output could not be written; 2 usage error (bad option, unknown architecture, weights or layer),
@@ -56,6 +46,7 @@ class Group(click.Group):
 
 def pick_device(cuda: bool | None) -> torch.device:
     """CUDA when asked or, by default, when available; asking without CUDA is an error."""
+    import torch
     available = torch.cuda.is_available()
     if cuda and not available:
         raise UsageError("--cuda: no CUDA device is available here; use --no-cuda")
@@ -64,6 +55,7 @@ def pick_device(cuda: bool | None) -> torch.device:
 
 def split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
     """Accept --method repeated or comma-separated; refuse unknown names with a suggestion."""
+    from .methods import METHODS
     names = [n.strip() for v in values for n in v.split(",") if n.strip()]
     for name in names:
         if name not in METHODS:
@@ -113,8 +105,6 @@ image_options = option_group(
     click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
                  help="Images per forward pass; also perturbed copies per pass for "
                       "Score-CAM and Ablation-CAM."),
-    click.option("--skip-existing", is_flag=True,
-                 help="Skip images whose outputs are all present (resume an interrupted run)."),
     click.option("--shard", metavar="I/N",
                  help="Process only the I-th of N disjoint parts of the inputs."),
     click.option("--json", "as_json", is_flag=True,
@@ -122,6 +112,11 @@ image_options = option_group(
     click.option("--progress/--quiet", default=None,
                  help="Progress bar on stderr (default: when stderr is a terminal)."),
 )
+
+
+skip_option = click.option(
+    "--skip-existing", is_flag=True,
+    help="Skip images whose outputs are all present (resume an interrupted run).")
 
 
 def class_options(topk: int) -> Callable[[Callable], Callable]:
@@ -137,6 +132,7 @@ def class_options(topk: int) -> Callable[[Callable], Callable]:
 @main.command(epilog=EXIT_CODES)
 @model_options
 @image_options
+@skip_option
 @class_options(topk=3)
 @click.option("--layer", help="Target layer for the CAM maps, dotted (layer4, features.28); "
                               "default: the architecture's last spatial block.")
@@ -147,6 +143,11 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
              unsafe_load: bool, cuda: bool | None, layer: str | None, methods: tuple[str, ...],
              topk: int, class_ids: tuple[int, ...], **options: object) -> None:
     """Explain the top-k classes of a classifier with five maps per class."""
+    from .methods import DEFAULT_METHODS
+    from .models import load_model
+    from .pipeline import classify as classify_images
+    from .pipeline import resolve_layer
+
     def start(model: LoadedModel, _items: list) -> Callable[..., Iterator[dict]]:
         chosen = resolve_layer(model, layer)
         if layer is None:
@@ -161,6 +162,7 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
 @main.command("compare-layers", epilog=EXIT_CODES)
 @model_options
 @image_options
+@skip_option
 @class_options(topk=1)
 @click.option("--layers", "layers", metavar="A,B,…",
               help="Layers to compare, comma-separated (default: the stages that "
@@ -172,6 +174,10 @@ def compare_layers(arch: str, weights: str, num_classes: int | None, labels: str
                    methods: tuple[str, ...], topk: int, class_ids: tuple[int, ...],
                    **options: object) -> None:
     """Compare CAM maps across layers: a row per layer, a column per method."""
+    from .models import load_model
+    from .pipeline import compare_layers as compare_images
+    from .pipeline import resolve_layers
+
     def start(model: LoadedModel, _items: list) -> Callable[..., Iterator[dict]]:
         names = resolve_layers(model, [n.strip() for n in (layers or "").split(",") if n.strip()])
         if not layers:
@@ -181,6 +187,70 @@ def compare_layers(arch: str, weights: str, num_classes: int | None, labels: str
                        topk=topk, class_ids=class_ids)
     load = partial(load_model, arch, weights, num_classes, labels, unsafe_load, pick_device(cuda))
     run_images(load, start, **options)
+
+
+@main.command(epilog=EXIT_CODES)
+@model_options
+@image_options
+@class_options(topk=1)
+@click.option("--layer", help="Target layer for the CAM maps (default: as for classify).")
+@click.option("--method", "methods", multiple=True, callback=lambda _c, _p, v: split_methods(v),
+              help="Maps to evaluate, comma-separated or repeated (default: the five of "
+                   "`classify`).")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Steps of the deletion and insertion curves (each removes 1/steps of the pixels).")
+@click.option("--baseline", type=click.Choice(BASELINES), default="blur", show_default=True,
+              help="What removed pixels become: a blurred copy (RISE), the image's mean colour, "
+                   "or zero (the normalisation's mean colour).")
+@click.option("--masks", metavar="DIR", help="Binary object masks named like the images: "
+                                               "adds the pointing games.")
+@click.option("--boxes", metavar="FILE", help="Object boxes per image (CSV image,x0,y0,x1,y1 or "
+                                                "JSON): adds the pointing games.")
+@click.option("--tolerance", default=15.0, show_default=True, type=click.FloatRange(min=0),
+              help="Pointing game: pixels of the original image a hit may miss the object by.")
+@click.option("--sanity", is_flag=True,
+              help="Also run the cascading model-parameter randomisation test (slow: one "
+                   "explanation per block of the network).")
+def evaluate(arch: str, weights: str, num_classes: int | None, labels: str | None,
+             unsafe_load: bool, cuda: bool | None, layer: str | None, methods: tuple[str, ...],
+             topk: int, class_ids: tuple[int, ...], steps: int, baseline: str, masks: str | None,
+             boxes: str | None, tolerance: float, sanity: bool, **options: object) -> None:
+    """Measure how faithful the maps are: deletion/insertion AUC, Average Drop/Increase,
+    pointing games with --masks/--boxes, and the randomisation test with --sanity."""
+    from .evaluation import evaluate as evaluate_images
+    from .evaluation import format_averages, write_summary
+    from .methods import DEFAULT_METHODS
+    from .models import load_model
+    from .pipeline import resolve_layer
+    from .truth import read_truth
+
+    truth = read_truth(masks, boxes)
+
+    def start(model: LoadedModel, _items: list) -> Callable[..., Iterator[dict]]:
+        chosen = resolve_layer(model, layer)
+        return partial(evaluate_images, layer=chosen, topk=topk, class_ids=class_ids,
+                       methods=methods or DEFAULT_METHODS, steps=steps, baseline=baseline,
+                       truth=truth, tolerance=tolerance, sanity=sanity)
+
+    def finish(model: LoadedModel, records: list[dict], as_json: bool) -> None:
+        chosen = resolve_layer(model, layer)
+        table = write_summary(records, options["output_dir"], f"{model.arch}@{chosen}")
+        if table:
+            click.echo(format_averages(table), err=as_json)
+            click.echo(f"  -> {Path(options['output_dir']) / f'evaluate-{model.arch}@{chosen}'}"
+                       ".csv/.json/-curves.png", err=as_json)
+    load = partial(load_model, arch, weights, num_classes, labels, unsafe_load, pick_device(cuda))
+    run_images(load, start, report=_print_evaluated, finish=finish, **options)
+
+
+def _print_evaluated(record: dict) -> None:
+    """One line per explained class and method of an evaluated image."""
+    click.echo(f"{record['image']}  ({record['arch']} @ {record['layer']})")
+    for c in record["classes"]:
+        for method, m in c["metrics"].items():
+            click.echo(f"  {c['rank']:>2} {c['name'][:20]:<20} {method:<15} deletion "
+                       f"{m['deletion_auc']:.3f}  insertion {m['insertion_auc']:.3f}  drop "
+                       f"{m['confidence_drop']:5.1f}%")
 
 
 @main.group(cls=Group, invoke_without_command=True, epilog=EXIT_CODES)
@@ -194,6 +264,7 @@ def compare_layers(arch: str, weights: str, num_classes: int | None, labels: str
               help="Allow a checkpoint that holds pickled Python objects (can run code).")
 @click.option("--cuda/--no-cuda", default=None, help="Run on CUDA (default: when available).")
 @image_options
+@skip_option
 @click.option("--reference", "references", multiple=True, metavar="IMAGE",
               help="Explain each query's similarity to this image, and back; repeatable.")
 @click.option("--proxies", "proxy_dir", type=click.Path(), metavar="DIR",
@@ -218,6 +289,11 @@ def embed(ctx: click.Context, arch: str | None, weights: str, embedding_dim: int
           **options: object) -> None:
     """Explain an embedding network: which regions make a query similar to a reference
     image or to a class proxy (Grad-CAM for embeddings, arXiv 2402.00909)."""
+    from .methods import DEFAULT_METHODS
+    from .models import load_embedder
+    from .pipeline import embed as embed_images
+    from .proxies import Candidates, Exemplars, read_exemplars
+
     if ctx.invoked_subcommand:
         return
     if not arch:
@@ -257,6 +333,9 @@ def embed(ctx: click.Context, arch: str | None, weights: str, embedding_dim: int
 def build_proxies(folder: str, output: str, arch: str, weights: str, embedding_dim: int | None,
                   unsafe_load: bool, cuda: bool | None, batch_size: int) -> None:
     """Embed a folder of exemplars (one sub-folder per class) once, for --proxy-file."""
+    from .models import load_embedder
+    from .proxies import read_exemplars
+
     model = load_embedder(arch, weights, embedding_dim, unsafe_load, pick_device(cuda))
     exemplars = read_exemplars(model, Path(folder), batch_size)
     exemplars.save(Path(output), arch, model.weights)
@@ -267,12 +346,15 @@ def build_proxies(folder: str, output: str, arch: str, weights: str, embedding_d
 def run_images(load: Callable[[], LoadedModel],
                start: Callable[[LoadedModel, list], Callable[..., Iterator[dict]]],
                images: tuple[str, ...], image_list: str | None, output_dir: str, batch_size: int,
-               skip_existing: bool, shard: str | None, as_json: bool,
-               progress: bool | None) -> None:
+               shard: str | None, as_json: bool, progress: bool | None,
+               report: Callable[[dict], None] | None = None,
+               finish: Callable[[LoadedModel, list[dict], bool], None] | None = None,
+               **pipeline_options: object) -> None:
     """Load the model, run a command's pipeline over the images, report, and exit with its code.
 
     ``start`` checks the command's own options against the model and the inputs and returns
-    the pipeline.
+    the pipeline; ``report`` prints a finished image (default: its classes), ``finish`` gets
+    every record at the end (evaluate's averaged table).
     """
     paths = [*images, *(read_image_list(image_list) if image_list else [])]
     if not paths:
@@ -283,20 +365,24 @@ def run_images(load: Callable[[], LoadedModel],
     pipeline = start(model, items)
     show = sys.stderr.isatty() if progress is None else progress
     counts = Counter()
+    records = []
     began = time.perf_counter()
     with stop_on_interrupt() as stopped, tqdm(total=len(items), unit="img", disable=not show,
                                               file=sys.stderr) as bar:
-        records = pipeline(model, items, output_dir=output_dir, batch_size=batch_size,
-                           skip_existing=skip_existing, stop=stopped, progress=show)
-        for record in records:
+        for record in pipeline(model, items, output_dir=output_dir, batch_size=batch_size,
+                               stop=stopped, progress=show, **pipeline_options):
             counts[record["status"]] += 1
+            if finish:
+                records.append(record)
             bar.update()
             if record["status"] == "error":
                 click.echo(f"gradcam: error: {record['error']}", err=True)
             if as_json:
                 click.echo(json.dumps(record, sort_keys=True, ensure_ascii=False))
             elif record["status"] == "ok":
-                _print_table(record)
+                (report or _print_table)(record)
+    if finish:
+        finish(model, records, as_json)
     click.echo(f"gradcam: {counts['ok']} done, {counts['skipped']} skipped, {counts['error']} failed"
                f"{', interrupted' if stopped() else ''} in {time.perf_counter() - began:.1f} s", err=True)
     raise SystemExit(130 if stopped() else 1 if counts["error"] else 0)
@@ -338,6 +424,8 @@ def _print_table(record: dict) -> None:
 @click.option("--arch", required=True, metavar="NAME", help="A torchvision classifier.")
 def layers(arch: str) -> None:
     """List the layers with a spatial output (candidate targets) and their shapes."""
+    from .models import default_layer, load_model, spatial_layers, stage_layers
+
     model = load_model(arch, "none")
     size = model.preprocess.crop
     default = default_layer(arch, model.module, size)
@@ -355,6 +443,8 @@ def layers(arch: str) -> None:
 @main.command()
 def methods() -> None:
     """List the explanation methods --method accepts, with what each one computes."""
+    from .methods import DEFAULT_METHODS, DESCRIPTIONS, METHODS
+
     for name in METHODS:
         default = " (default)" if name in DEFAULT_METHODS else ""
         click.echo(f"{name:<15} {DESCRIPTIONS[name]}{default}")
@@ -363,4 +453,6 @@ def methods() -> None:
 @main.command()
 def architectures() -> None:
     """List the architecture names --arch accepts."""
+    from .models import ARCHITECTURES
+
     click.echo("\n".join(ARCHITECTURES))

@@ -34,10 +34,16 @@ class Preprocess:
     std: tuple[float, ...]
     interpolation: TF.InterpolationMode
 
-    def crop_image(self, image: Image.Image) -> Image.Image:
-        """Return the exact RGB crop the model sees, for the overlays to be drawn on."""
-        resized = TF.resize(image, [self.resize], interpolation=self.interpolation, antialias=True)
-        return TF.center_crop(resized, [self.crop])
+    def crop_image(self, image: Image.Image, nearest: bool = False) -> Image.Image:
+        """Return the exact crop the model sees, for the overlays to be drawn on; ``nearest``
+        resizes an object mask with the same geometry, keeping it binary."""
+        how = TF.InterpolationMode.NEAREST if nearest else self.interpolation
+        return TF.center_crop(TF.resize(image, [self.resize], interpolation=how, antialias=True),
+                              [self.crop])
+
+    def scale(self, size: tuple[int, int]) -> float:
+        """How many crop pixels one pixel of an image of ``size`` (width, height) becomes."""
+        return self.resize / min(size)
 
     def to_tensor(self, crop: Image.Image) -> torch.Tensor:
         """Normalise a crop into the 3xHxW float tensor the model takes."""

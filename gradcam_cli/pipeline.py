@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Union
 
@@ -29,7 +30,7 @@ import torch
 from PIL import Image
 
 from .errors import InputError, UsageError
-from .explain import Explanation, explain_layers
+from .explanation import Explanation, explain_layers
 from .inputs import BadInput
 from .io import atomic_write, image_id, json_bytes, load_image, png_bytes, prepare_output_dir, slug
 from .methods import CAM_METHODS, DEFAULT_METHODS, GRADIENT_METHODS
@@ -152,7 +153,7 @@ def _run(model: LoadedModel, images: Sequence[Item], output_dir: Path, job: Job,
         todo.append(done or item)
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending = None
-        for batch in _prefetch(model, todo, batch_size):
+        for batch in prefetch(todo, batch_size, partial(_load, model)):
             good = [item for item in batch if isinstance(item, tuple)]
             results = []
             if good:
@@ -216,15 +217,15 @@ def _load(model: LoadedModel, item: Item | dict) -> Loaded:
         return {"image": str(item), "status": "error", "error": str(exc)}
 
 
-def _prefetch(model: LoadedModel, items: Sequence[Item | dict],
-              batch_size: int) -> Iterator[list[Loaded]]:
-    """Yield decoded batches, decoding the next one in a background thread meanwhile."""
+def prefetch(items: Sequence[Item | dict], batch_size: int,
+             load: Callable[[Item | dict], Loaded]) -> Iterator[list[Loaded]]:
+    """Yield batches of ``load``ed items, loading the next batch in a background thread."""
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
         for batch in [*batches, None]:
             ready = pending.result() if pending else None
-            pending = pool.submit(lambda b: [_load(model, i) for i in b], batch) if batch else None
+            pending = pool.submit(lambda b: [load(i) for i in b], batch) if batch else None
             if ready is not None:
                 yield ready
 

@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .choices import PROXY_KINDS
 from .errors import InputError, UsageError
 from .inputs import BadInput, expand
 from .io import atomic_write, load_image
 from .models import LoadedModel
-
-PROXY_KINDS = ("mean", "single")
 
 
 def normalised_mean(embeddings: torch.Tensor) -> torch.Tensor:

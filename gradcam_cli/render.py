@@ -76,3 +76,28 @@ def grid_image(columns: Sequence[str], rows: Sequence[tuple[str, Sequence[np.nda
             left = LABEL_WIDTH + c * (cell_w + GAP)
             grid[top:top + cell_h, left:left + cell_w] = image
     return grid
+
+
+Panel = tuple[str, str, str, Sequence, dict[str, Sequence[float]]]  # title, x, y, ticks, lines
+
+
+def line_plot(panels: Sequence[Panel]) -> np.ndarray:
+    """Labelled line charts side by side, as an RGB array: numeric x values are plotted as
+    they are, names become one tick each (e.g. the blocks of a randomisation test)."""
+    fig = Figure(figsize=(5.5 * len(panels), 4.2), dpi=DPI)
+    canvas = FigureCanvasAgg(fig)
+    for i, (title, xlabel, ylabel, ticks, lines) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        named = bool(ticks) and isinstance(ticks[0], str)
+        xs = list(range(len(ticks))) if named else list(ticks)
+        for label, values in lines.items():
+            ax.plot(xs, [np.nan if v is None else v for v in values], marker="." if named else None,
+                    label=label)
+        if named:
+            ax.set_xticks(xs, ticks, rotation=90, fontsize=6)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .choices import SIMILARITIES
 from .errors import UsageError
-
-SIMILARITIES = ("dot", "cosine")
 
 
 def similarity(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:

@@ -258,3 +258,32 @@ def test_embed_rows_per_layer(photo: Path, tmp_path: Path) -> None:
                         "--layers", "layer3,layer4")["cat.jpg"]
     assert record["layers"] == ["layer3", "layer4"] and "@layers-embed" in record["grid"]
     assert list(record["classes"][0]["maps"]) == ["layer3", "layer4"]
+
+
+EVALUATE = ["evaluate", "--arch", "resnet18", "--weights", "none", "--no-cuda", "--steps", "2",
+            "--method", "gradcam"]
+
+
+def test_evaluate_prints_the_table_and_writes_it(photo: Path, tmp_path: Path) -> None:
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text(f"image,x0,y0,x1,y1\n{photo.name},60,20,200,160\n")
+    out_dir = tmp_path / "res"
+    code, out, err = run(*EVALUATE, "--image-path", str(photo), "--boxes", str(boxes),
+                         "--output-dir", str(out_dir))
+    assert code == 0, err
+    assert "deletion AUC" in out and "pointing game" in out
+    table = (out_dir / "evaluate-resnet18@layer4.csv").read_text().splitlines()
+    assert table[0].startswith("image,class_id,name,method,deletion_auc") and len(table) == 2
+    code, out, err = run(*EVALUATE, "--image-path", str(photo), "--output-dir", str(out_dir),
+                         "--json")
+    assert code == 0 and json.loads(out)["status"] == "ok" and "deletion AUC" in err
+
+
+def test_evaluate_refuses_bad_ground_truth_in_one_line(photo: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "boxes.csv"
+    bad.write_text("name,left\ncat.jpg,3\n")
+    for extra in (["--boxes", str(bad)], ["--boxes", str(bad), "--masks", str(tmp_path)],
+                  ["--masks", str(tmp_path / "none")]):
+        code, out, err = run(*EVALUATE, "--image-path", str(photo), *extra)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+        assert "--boxes" in err or "--masks" in err

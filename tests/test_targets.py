@@ -11,6 +11,10 @@ from gradcam_cli import explain
 from gradcam_cli.methods import DEFAULT_METHODS
 from gradcam_cli.targets import top_proxies
 
+from .scenes import PATTERN, scenes
+
+SIZE = 40
+
 
 def test_one_hot_proxy_on_logits_gives_the_classification_maps() -> None:
     """Bachhawat 2024: with the logits as embedding and a one-hot proxy e_c, y·e_c is the
@@ -56,38 +60,6 @@ def test_invalid_candidates_rank_last_and_are_never_chosen_first() -> None:
     assert target.chosen.tolist() == [[2, 0]] and target.table[0, 1] == float("-inf")
 
 
-SIZE, OBJECT = 40, 10
-
-
-def object_shapes() -> torch.Tensor:
-    """Four 10x10 white-on-black patterns: hollow square, plus, X, corner."""
-    s = torch.zeros(4, OBJECT, OBJECT)
-    s[0, 1:-1, 1:-1] = 1
-    s[0, 3:-3, 3:-3] = 0
-    s[1, 4:6, :] = 1
-    s[1, :, 4:6] = 1
-    diagonal = torch.arange(OBJECT)
-    s[2, diagonal, diagonal] = 1
-    s[2, diagonal, OBJECT - 1 - diagonal] = 1
-    s[3, :2, :] = 1
-    s[3, :, :2] = 1
-    return s
-
-
-def scenes(n: int, g: torch.Generator, classes: torch.Tensor | None = None):
-    """Cluttered random backgrounds, each with one object at a random place; the object's
-    pattern alone decides the class."""
-    background = F.interpolate(torch.rand(n, 3, 5, 5, generator=g), size=(SIZE, SIZE),
-                               mode="bilinear", align_corners=False)
-    x = 0.6 * background + 0.2 * torch.rand(n, 3, SIZE, SIZE, generator=g)
-    classes = torch.randint(0, 4, (n,), generator=g) if classes is None else classes
-    where = torch.randint(0, SIZE - OBJECT, (n, 2), generator=g)
-    shapes = object_shapes()
-    for i, (r, c) in enumerate(where.tolist()):
-        x[i, :, r:r + OBJECT, c:c + OBJECT] = shapes[classes[i]]
-    return x, classes, where
-
-
 class TinyEmbedder(torch.nn.Module):
     """Three convolutions, global max pooling, a linear map to 16 dimensions."""
 
@@ -130,5 +102,5 @@ def test_trained_embedding_pair_maps_peak_on_the_shared_object() -> None:
                              target=top_proxies(embeddings[1 - side][None], "dot", 1))
             r, c = divmod(int(result.maps["gradcam"][0, 0, 0].argmax()), SIZE)
             top, left = where[side].tolist()
-            hits += top - 3 <= r < top + OBJECT + 3 and left - 3 <= c < left + OBJECT + 3
+            hits += top - 3 <= r < top + PATTERN + 3 and left - 3 <= c < left + PATTERN + 3
     assert hits >= 36, f"{hits}/40 pair maps peak on the shared object"

@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.models import get_model
 
 from gradcam_cli import UsageError, explain
-from gradcam_cli.explain import explain_layers
+from gradcam_cli.explanation import explain_layers
 
 
 def by_max(x: torch.Tensor) -> torch.Tensor:

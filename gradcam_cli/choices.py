@@ -1,0 +1,6 @@
+"""The fixed choices the command line offers, in a module that imports nothing heavy, so that
+`gradcam --help` answers without loading torch."""
+
+BASELINES = ("blur", "mean", "zero")  # what evaluate's removed pixels become
+PROXY_KINDS = ("mean", "single")      # how embed turns a class's exemplars into a proxy
+SIMILARITIES = ("dot", "cosine")      # the score embed explains

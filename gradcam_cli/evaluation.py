@@ -1,0 +1,274 @@
+"""`evaluate` as a library call: how faithful each map is to the model, and where it points.
+
+Per image, explained class and method (``metrics`` has the definitions):
+
+- deletion and insertion curves and their AUCs (Petsiuk et al. 2018), over ``steps`` steps,
+  removed pixels replaced by the ``baseline`` (blurred image by default);
+- drop and increase of confidence (Chattopadhay et al. 2018), averaged over images as
+  Average Drop (%) and Increase in Confidence (%);
+- with object masks or boxes (``truth``): the pointing game (Zhang et al. 2016, ``tolerance``
+  pixels of the original image) and the energy-based pointing game (Wang et al. 2020);
+- with ``sanity``: Spearman correlation of each map with the map after cascading
+  randomisation of the model's blocks from the top (Adebayo et al. 2018).
+
+Output, beside classify's folders::
+
+    <output-dir>/<image-stem>-<hash8>/<arch>@<layer>-evaluate/
+        summary.json  curves.png  sanity.png
+    <output-dir>/evaluate-<arch>@<layer>.csv / .json   every row and the averages
+    <output-dir>/evaluate-<arch>@<layer>-curves.png / -sanity.png
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import metrics as MT
+from .engine import evaluating
+from .errors import InputError, UsageError
+from .explanation import explain
+from .inputs import BadInput
+from .io import atomic_write, image_id, json_bytes, load_image, png_bytes, prepare_output_dir
+from .methods import DEFAULT_METHODS
+from .models import LoadedModel
+from .pipeline import Item, prefetch, resolve_layer
+from .render import TITLES, line_plot
+from .sanity import cascade
+from .truth import Truth
+
+COLUMNS = ("image", "class_id", "name", "method", "deletion_auc", "insertion_auc",
+           "confidence_drop", "confidence_increase", "pointing_hit", "energy")
+
+
+def evaluate(model: LoadedModel, images: Sequence[Item], output_dir: str | Path = "results",
+             layer: str | None = None, topk: int = 1, class_ids: Sequence[int] = (),
+             methods: Sequence[str] = DEFAULT_METHODS, steps: int = 20, baseline: str = "blur",
+             truth: Truth | None = None, tolerance: float = 15.0, sanity: bool = False,
+             batch_size: int = 8, stop: Callable[[], bool] = lambda: False,
+             progress: bool = False) -> Iterator[dict]:
+    """Yield one record per image with every metric of every explained class and method.
+
+    Bad images (or a missing mask) give an error record and the rest go on; ``stop`` is asked
+    after each batch. ``write_summary`` turns the records into the averaged table.
+    """
+    if baseline not in MT.BASELINES:
+        raise UsageError(f"--baseline {baseline}: choose from {', '.join(MT.BASELINES)}")
+    chosen = resolve_layer(model, layer)
+    out = prepare_output_dir(Path(output_dir))
+    device = next(model.module.parameters()).device
+    for batch in prefetch(images, batch_size, partial(_load, model, truth=truth)):
+        good = [item for item in batch if isinstance(item, tuple)]
+        result = None
+        if good:
+            x = torch.stack([model.preprocess.to_tensor(crop) for _, crop, _, _ in good]).to(device)
+            result = explain(model.module, x, chosen, topk, class_ids, methods, batch_size, progress)
+        index = iter(range(len(good)))
+        for item in batch:
+            if isinstance(item, dict):
+                yield item
+                continue
+            i = next(index)
+            yield _evaluate_image(model, item, x[i], result, i, chosen, methods, steps, baseline,
+                                  tolerance, sanity, batch_size, out)
+        if stop():
+            break
+
+
+def _load(model: LoadedModel, item: Item, truth: Truth | None) -> tuple | dict:
+    """Decode and crop an image and its object mask (if any), or give an error record."""
+    if isinstance(item, BadInput):
+        return {"image": item.path, "status": "error", "error": item.reason}
+    try:
+        image = load_image(item)
+        mask = None
+        if truth is not None:
+            crop = model.preprocess.crop_image(truth.mask_for(Path(item), image.size), nearest=True)
+            mask = torch.from_numpy(np.asarray(crop) > 127)
+        return Path(item), model.preprocess.crop_image(image), mask, model.preprocess.scale(image.size)
+    except InputError as exc:
+        return {"image": str(item), "status": "error", "error": str(exc)}
+
+
+def _evaluate_image(model: LoadedModel, item: tuple, x: torch.Tensor, result, i: int, layer: str,
+                    methods: Sequence[str], steps: int, baseline: str, tolerance: float,
+                    sanity: bool, batch_size: int, out: Path) -> dict:
+    """Every metric for one image's explained classes; its plots and summary written."""
+    path, _, mask, scale = item
+    base = MT.baseline_of(x, baseline)
+    classes = []
+    for k, class_id in enumerate(result.classes[i].tolist()):
+        score = _scorer(model.module, class_id)
+        original = float(result.scores[i, class_id])
+        rows = {}
+        for method in methods:
+            saliency = MT.saliency_of(result.maps[method][i, k])
+            curves = [MT.perturbation_curve(score, x, saliency, base, steps, insert, batch_size)
+                      for insert in (False, True)]
+            drop, increase = MT.confidence_change(score, x, saliency, original)
+            rows[method] = {"deletion_auc": MT.auc(curves[0]), "insertion_auc": MT.auc(curves[1]),
+                            "confidence_drop": 100 * drop, "confidence_increase": increase,
+                            "deletion_curve": curves[0].tolist(), "insertion_curve": curves[1].tolist()}
+            if mask is not None:
+                rows[method]["pointing_hit"] = MT.pointing_hit(saliency, mask, tolerance * scale)
+                rows[method]["energy"] = MT.energy_in(saliency, mask)
+        classes.append({"rank": k + 1, "class_id": class_id, "name": model.categories[class_id],
+                        "probability": round(original, 6), "metrics": rows})
+    folder = out / image_id(path) / f"{model.arch}@{layer}-evaluate"
+    record = {"image": str(path), "status": "ok", "arch": model.arch, "weights": model.weights,
+              "layer": layer, "steps": steps, "baseline": baseline, "classes": classes,
+              "curves": str(folder / "curves.png"), "summary": str(folder / "summary.json")}
+    if sanity:
+        record["sanity"] = _sanity(model, x, layer, result.classes[i].tolist(), methods, batch_size)
+        record["sanity_plot"] = str(folder / "sanity.png")
+        atomic_write(folder / "sanity.png", png_bytes(sanity_plot([record])))
+    atomic_write(folder / "curves.png", png_bytes(curves_plot([record])))
+    atomic_write(folder / "summary.json", json_bytes(record))
+    return record
+
+
+def _scorer(module: torch.nn.Module, class_id: int) -> MT.Scorer:
+    """The explained class's probability for a batch of inputs."""
+    def score(batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), evaluating(module):
+            return module(batch).float().softmax(dim=1)[:, class_id]
+    return score
+
+
+def _sanity(model: LoadedModel, x: torch.Tensor, layer: str, class_ids: list[int],
+            methods: Sequence[str], batch_size: int) -> list[dict]:
+    """Cascading randomisation: per block, the Spearman correlation of each class's maps."""
+    def maps(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        result = explain(module, x[None], layer, class_ids=class_ids, methods=methods,
+                         batch_size=batch_size)
+        return {f"{c}/{m}": MT.saliency_of(result.maps[m][0, k])
+                for k, c in enumerate(class_ids) for m in methods}
+    steps = cascade(model.module, x[None], maps, MT.spearman)
+    return [{"layer": name, "spearman": scores} for name, scores in steps]
+
+
+def summary_rows(records: Sequence[dict]) -> list[dict]:
+    """One flat row per image, class and method, for the CSV table."""
+    return [{"image": r["image"], "class_id": c["class_id"], "name": c["name"], "method": m,
+             **{key: v.get(key) for key in COLUMNS[4:]}}
+            for r in records if r["status"] == "ok"
+            for c in r["classes"] for m, v in c["metrics"].items()]
+
+
+def averages(records: Sequence[dict]) -> dict[str, dict[str, float | None]]:
+    """Per method, the mean of every metric over images and classes (pointing: hit rate;
+    drop and increase in %, i.e. Average Drop and Increase in Confidence)."""
+    by_method: dict[str, list[dict]] = {}
+    for row in summary_rows(records):
+        by_method.setdefault(row["method"], []).append(row)
+    table = {m: {key: _mean([row[key] for row in rows]) for key in COLUMNS[4:]}
+             for m, rows in by_method.items()}
+    for row in table.values():  # Increase in Confidence is a percentage of images, as Drop is
+        row["confidence_increase"] *= 100
+    for method, scores in _sanity_means(records).items():
+        table[method]["sanity_last"] = scores[-1] if scores else None
+    return table
+
+
+def _mean(values: Sequence) -> float | None:
+    """The mean of the defined values (booleans count as 0/1), None if there are none."""
+    defined = [float(v) for v in values if v is not None]
+    return sum(defined) / len(defined) if defined else None
+
+
+def _sanity_means(records: Sequence[dict]) -> dict[str, list[float | None]]:
+    """Per method, the mean Spearman correlation after each randomised block."""
+    images = [r["sanity"] for r in records if r["status"] == "ok" and "sanity" in r]
+    if not images:
+        return {}
+    methods = dict.fromkeys(key.split("/", 1)[1] for key in images[0][0]["spearman"])
+    return {m: [_mean([v for image in images for key, v in image[j]["spearman"].items()
+                       if key.split("/", 1)[1] == m]) for j in range(len(images[0]))]
+            for m in methods}
+
+
+def curves_plot(records: Sequence[dict]) -> np.ndarray:
+    """Mean deletion and insertion curves per method over the records' images and classes."""
+    panels = []
+    for kind in ("deletion", "insertion"):
+        lines = {}
+        for method in _methods(records):
+            curves = [c["metrics"][method][f"{kind}_curve"] for r in records if r["status"] == "ok"
+                      for c in r["classes"]]
+            mean = np.mean(curves, axis=0)
+            area = float(((mean[1:] + mean[:-1]) / 2).mean())
+            lines[f"{TITLES.get(method, method)} (AUC {area:.3f})"] = mean.tolist()
+        steps = len(next(iter(lines.values()))) - 1
+        panels.append((f"{kind} ({'lower' if kind == 'deletion' else 'higher'} is better)",
+                       f"fraction of pixels {'removed' if kind == 'deletion' else 'inserted'}",
+                       "probability of the class", [j / steps for j in range(steps + 1)], lines))
+    return line_plot(panels)
+
+
+def sanity_plot(records: Sequence[dict]) -> np.ndarray:
+    """Mean Spearman correlation per method after each block is randomised, top block first."""
+    first = next(r for r in records if r["status"] == "ok" and "sanity" in r)
+    names = [s["layer"] for s in first["sanity"]]
+    lines = {TITLES.get(m, m): scores for m, scores in _sanity_means(records).items()}
+    return line_plot([("cascading randomisation (Adebayo et al. 2018)",
+                       "randomised down to block", "Spearman correlation with the trained map",
+                       names, lines)])
+
+
+def _methods(records: Sequence[dict]) -> list[str]:
+    """The methods of the first successful record, in its order."""
+    first = next(r for r in records if r["status"] == "ok")
+    return list(first["classes"][0]["metrics"])
+
+
+def write_summary(records: Sequence[dict], output_dir: str | Path, tag: str) -> dict:
+    """Write the CSV and JSON tables and the mean plots of a run; return the averages."""
+    out = Path(output_dir)
+    rows = summary_rows(records)
+    table = averages(records)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([{k: _cell(v) for k, v in row.items()} for row in rows])
+    atomic_write(out / f"evaluate-{tag}.csv", buffer.getvalue().encode())
+    atomic_write(out / f"evaluate-{tag}.json", json_bytes({"averages": table, "rows": rows}))
+    if rows:
+        atomic_write(out / f"evaluate-{tag}-curves.png", png_bytes(curves_plot(records)))
+    if any("sanity" in r for r in records):
+        atomic_write(out / f"evaluate-{tag}-sanity.png", png_bytes(sanity_plot(records)))
+    return table
+
+
+HEADINGS = {"deletion_auc": "deletion AUC (lower better)",
+            "insertion_auc": "insertion AUC (higher)", "confidence_drop": "Average Drop % (lower)",
+            "confidence_increase": "Increase % (higher)", "pointing_hit": "pointing game (higher)",
+            "energy": "energy pointing (higher)", "sanity_last": "sanity: Spearman, all random"}
+
+
+def format_averages(table: dict[str, dict[str, float | None]]) -> str:
+    """The averaged table as text: a row per method, a column per metric that has values."""
+    keys = [k for k in HEADINGS if any(row.get(k) is not None for row in table.values())]
+    lines = ["method          " + "  ".join(f"{HEADINGS[k]:>{len(HEADINGS[k])}}" for k in keys)]
+    for method, row in table.items():
+        cells = []
+        for k in keys:
+            value = row.get(k)
+            cells.append(f"{'-' if value is None else f'{value:.3f}':>{len(HEADINGS[k])}}")
+        lines.append(f"{method:<15} " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> object:
+    """A CSV cell: floats to 6 digits, booleans as 0/1, missing as empty."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, bool):
+        return int(value)
+    return round(value, 6) if isinstance(value, float) else value

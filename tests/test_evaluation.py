@@ -1,0 +1,139 @@
+"""`evaluate` as a library call: records, tables, plots, bad inputs, and a trained network
+whose Grad-CAM must point at the object that decides its class."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+from gradcam_cli.evaluation import averages, evaluate, write_summary
+from gradcam_cli.models import LoadedModel, Preprocess
+from gradcam_cli.truth import Truth, read_truth
+
+from .scenes import scenes
+
+SIZE, SIDE = 64, 16
+CLASSES = ["square", "plus", "x", "corner"]
+
+
+def as_model(net: torch.nn.Module) -> LoadedModel:
+    """Wrap a network taking SIZE x SIZE images in [0, 1] as a LoadedModel."""
+    preprocess = Preprocess(SIZE, SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), InterpolationMode.BILINEAR)
+    return LoadedModel("resnet18", net.eval(), CLASSES, preprocess, "test")
+
+
+def write_scenes(folder: Path, images: torch.Tensor, where: torch.Tensor) -> list[Path]:
+    """Save scenes as PNGs and their object masks (same names) under ``folder``/masks."""
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (image, (r, c)) in enumerate(zip(images, where.tolist())):
+        path = folder / f"scene{i:02d}.png"
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+        mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+        mask[r:r + SIDE, c:c + SIDE] = 255
+        Image.fromarray(mask).save(folder / "masks" / path.name)
+        paths.append(path)
+    return paths
+
+
+def test_records_tables_and_plots(tmp_path: Path) -> None:
+    images, _, where = scenes(3, torch.Generator().manual_seed(1), size=SIZE, side=SIDE)
+    paths = write_scenes(tmp_path / "in", images, where)
+    (tmp_path / "in" / "broken.png").write_bytes(b"not a png")
+    model = as_model(torchvision.models.resnet18(num_classes=4))
+    items = [*paths, tmp_path / "in" / "broken.png"]
+    records = list(evaluate(model, items, tmp_path / "out", layer="layer3", topk=2,
+                            methods=["gradcam", "vanilla"], steps=5,
+                            truth=Truth(mask_dir=tmp_path / "in" / "masks"), batch_size=2))
+    assert [r["status"] for r in records] == ["ok", "ok", "ok", "error"]
+    assert "broken.png" in records[-1]["error"]
+    first = records[0]["classes"][0]
+    curve = first["metrics"]["gradcam"]["deletion_curve"]
+    assert len(curve) == 6 and curve[0] == pytest.approx(first["probability"], abs=1e-5)
+    assert set(first["metrics"]["vanilla"]) >= {"pointing_hit", "energy", "insertion_auc"}
+    table = write_summary(records, tmp_path / "out", "t")
+    rows = list(csv.DictReader((tmp_path / "out" / "evaluate-t.csv").open()))
+    assert len(rows) == 3 * 2 * 2  # images x classes x methods
+    drops = [float(r["confidence_drop"]) for r in rows if r["method"] == "gradcam"]
+    assert table["gradcam"]["confidence_drop"] == pytest.approx(np.mean(drops), abs=1e-5)
+    saved = json.loads((tmp_path / "out" / "evaluate-t.json").read_text())
+    assert saved["averages"].keys() == {"gradcam", "vanilla"}
+    for name in ("evaluate-t-curves.png", Path(records[0]["curves"])):
+        assert Image.open(tmp_path / "out" / name).size[0] > 400
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_missing_mask_and_boxes(tmp_path: Path) -> None:
+    images, _, where = scenes(2, torch.Generator().manual_seed(2), size=SIZE, side=SIDE)
+    paths = write_scenes(tmp_path, images, where)
+    (tmp_path / "masks" / paths[1].name).unlink()
+    model = as_model(torchvision.models.resnet18(num_classes=4))
+    records = list(evaluate(model, paths, tmp_path / "out", methods=["gradcam"], steps=2,
+                            truth=Truth(mask_dir=tmp_path / "masks")))
+    assert records[0]["status"] == "ok" and records[1]["status"] == "error"
+    assert "no mask" in records[1]["error"]
+    r, c = where[0].tolist()
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({paths[0].name: [[c, r, c + SIDE, r + SIDE]]}))
+    truth = read_truth(None, str(boxes))
+    (record,) = evaluate(model, paths[:1], tmp_path / "out", methods=["gradcam"], steps=2,
+                         truth=truth)
+    by_box = record["classes"][0]["metrics"]["gradcam"]
+    assert by_box["energy"] == records[0]["classes"][0]["metrics"]["gradcam"]["energy"]
+
+
+def train(steps: int, g: torch.Generator) -> torch.nn.Module:
+    """torchvision's resnet18 (4 classes) trained on scenes with two distractors each; batch
+    norm statistics are then re-estimated on fresh scenes (Adam's last steps leave the
+    running averages behind the weights)."""
+    net = torchvision.models.resnet18(num_classes=4)
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(steps):
+        x, y, _ = scenes(32, g, size=SIZE, side=SIDE, distractors=2)
+        loss = F.cross_entropy(net(x), y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batches below
+    with torch.no_grad():
+        for _ in range(10):
+            net(scenes(32, g, size=SIZE, side=SIDE, distractors=2)[0])
+    return net
+
+
+def test_trained_network_points_at_the_deciding_object(tmp_path: Path) -> None:
+    """Train resnet18 for 150 steps (~60 s) on generated scenes in which only a 16 px object
+    at a random place decides the class, beside two random patterns just as conspicuous;
+    evaluate Grad-CAM at layer2 on 40 new scenes with the objects' masks and no tolerance.
+
+    Seeds are fixed, so the numbers are the same on every run. Measured: accuracy 0.95,
+    pointing game 0.85 and energy 0.38 (the object is 6% of the image), against 0.1 and
+    0.09 for the same network with random weights, which points at whichever pattern it
+    happens to like. The test asks for 0.7 and 0.25, and for at least 0.4 more pointing
+    than the random network."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    net = train(150, g)
+    images, _, where = scenes(40, g, size=SIZE, side=SIDE, distractors=2)
+    paths = write_scenes(tmp_path, images, where)
+    scores = {}
+    for name, model in (("trained", net), ("random", torchvision.models.resnet18(num_classes=4))):
+        records = evaluate(as_model(model), paths, tmp_path / name, layer="layer2",
+                           methods=["gradcam"], steps=2, truth=Truth(mask_dir=tmp_path / "masks"),
+                           tolerance=0, batch_size=20)
+        scores[name] = averages(list(records))["gradcam"]
+    trained, random = scores["trained"], scores["random"]
+    assert trained["pointing_hit"] >= 0.7 and trained["energy"] >= 0.25, scores
+    assert trained["pointing_hit"] - random["pointing_hit"] >= 0.4, scores
