@@ -8,27 +8,14 @@ Prints medians after a warm-up (model loading excluded) and the ratios gradcam /
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from captum.attr import Deconvolution, GuidedBackprop, GuidedGradCam, LayerAttribution, LayerGradCam, Saliency
+from common import added_memory, median_time
 from torchvision.models import get_model
 
 from gradcam_cli import explain
 from gradcam_cli.models import default_layer
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def floor(model: torch.nn.Module, x: torch.Tensor, classes: list[int], backwards: int) -> None:
@@ -70,15 +57,18 @@ def main() -> None:
     layer = dict(model.named_modules())[layer_name]
     classes = model(x).topk(3).indices[0].tolist()
 
-    rows = {
-        "floor: 1 forward + 9 backward": median_time(lambda: floor(model, x, classes, 9), args.repeats),
-        "gradcam: top-3, five maps": median_time(lambda: explain(model, x, layer_name, topk=3), args.repeats),
-        "captum: top-3, five maps": median_time(lambda: captum_five(model, layer, x, classes), args.repeats),
-        "gradcam: Grad-CAM top-1": median_time(
-            lambda: explain(model, x, layer_name, topk=1, methods=["gradcam"]), args.repeats),
-        "captum: LayerGradCam top-1": median_time(
-            lambda: captum_gradcam(model, layer, x, classes[0]), args.repeats),
+    tasks = {
+        "floor: 1 forward + 9 backward": lambda: floor(model, x, classes, 9),
+        "gradcam: top-3, five maps": lambda: explain(model, x, layer_name, topk=3),
+        "captum: top-3, five maps": lambda: captum_five(model, layer, x, classes),
+        "gradcam: Grad-CAM top-1": lambda: explain(model, x, layer_name, topk=1, methods=["gradcam"]),
+        "captum: LayerGradCam top-1": lambda: captum_gradcam(model, layer, x, classes[0]),
     }
+    rows, memory = {}, {}
+    for name, task in tasks.items():
+        with added_memory() as added:
+            rows[name] = median_time(task, args.repeats)
+        memory[name] = added["mb"]
     ours = explain(model, x, layer_name, class_ids=classes[:1], methods=["gradcam"]).maps["gradcam"][0, 0]
     theirs = captum_gradcam(model, layer, x, classes[0])[0].detach()
     diff = float((ours / ours.max() - theirs / theirs.max()).abs().max())
@@ -86,13 +76,15 @@ def main() -> None:
     print(f"{args.arch} at {args.size}, layer {layer_name}, {args.threads} threads, "
           f"median of {args.repeats} (torch {torch.__version__})")
     for name, seconds in rows.items():
-        print(f"  {name:<34} {seconds:7.3f} s")
+        print(f"  {name:<34} {seconds:7.3f} s   memory added {memory[name]:6.0f} MB")
     five = rows["gradcam: top-3, five maps"]
     versus_captum = five / rows["captum: top-3, five maps"]
     print(f"  ratio five maps gradcam/captum      {versus_captum:.2f}  (target <= 0.40)")
     print(f"  ratio five maps gradcam/floor       {five / rows['floor: 1 forward + 9 backward']:.2f}")
     cam = rows["gradcam: Grad-CAM top-1"] / rows["captum: LayerGradCam top-1"]
     print(f"  ratio Grad-CAM gradcam/captum       {cam:.2f}  (target <= 1.00)")
+    held = memory["gradcam: top-3, five maps"] / max(memory["captum: top-3, five maps"], 1)
+    print(f"  ratio memory added five maps gradcam/captum {held:.2f}")
     print(f"  max |difference| Grad-CAM vs captum {diff:.2e} (after dividing by the maximum)")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import added_memory
 from PIL import Image
 
 from gradcam_cli import classify, load_model
@@ -54,16 +55,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_folder(Path(tmp), args.images)
         bare(model.module.eval(), args.batch_size, args.batch_size, model.preprocess.crop)  # warm-up
-        base = bare(model.module, args.images, args.batch_size, model.preprocess.crop)
+        with added_memory() as bare_memory:
+            base = bare(model.module, args.images, args.batch_size, model.preprocess.crop)
         start = time.perf_counter()
-        records = list(classify(model, paths, Path(tmp) / "out", topk=1, methods=["gradcam"],
-                                batch_size=args.batch_size))
+        with added_memory() as our_memory:
+            records = list(classify(model, paths, Path(tmp) / "out", topk=1, methods=["gradcam"],
+                                    batch_size=args.batch_size))
         ours = time.perf_counter() - start
     assert all(r["status"] == "ok" for r in records)
     print(f"{args.arch}, {args.images} images, batch {args.batch_size}, {args.threads} threads")
     print(f"  bare forward+backward  {args.images / base:6.1f} img/s")
     print(f"  gradcam classify       {args.images / ours:6.1f} img/s (decode, explain, render, write)")
     print(f"  ratio gradcam/bare     {base / ours:.2f}  (target >= 0.80)")
+    print(f"  memory added: bare {bare_memory['mb']:.0f} MB, gradcam {our_memory['mb']:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""Measuring helpers shared by the benchmark scripts: median wall time and added memory."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def status(field: str) -> float:
+    """A memory figure from /proc/self/status (Linux), in MB."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
+    return int(line.split()[1]) / 1024
+
+
+@contextmanager
+def added_memory() -> Iterator[dict[str, float]]:
+    """Measure the peak resident memory inside the block minus the resident memory before it:
+    what the work itself adds, torch and the model excluded. The result is in ``["mb"]``."""
+    result = {}
+    before = status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current RSS
+    yield result
+    result["mb"] = status("VmHWM") - before

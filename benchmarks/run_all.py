@@ -1,0 +1,89 @@
+"""Every benchmark in one run: gradcam against pytorch-grad-cam, torchcam, captum and the bare
+model, with ratios gradcam / peer.
+
+    pip install -e '.[bench]'
+    python benchmarks/run_all.py [--repeats 3] [--threads 2] [--quick]
+
+Prints the machine, then: start-up time of `gradcam --help` against importing each peer;
+the CAM methods against pytorch-grad-cam and torchcam (bench_cams.py); classify's five maps
+for the top 3 against captum and the bare model (bench_classify.py); folder throughput
+(bench_folder.py). ``--quick`` leaves out Score-CAM and uses fewer images, for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PEER_IMPORTS = {"pytorch-grad-cam": "import pytorch_grad_cam",
+                "torchcam": "import torchcam.methods", "captum": "import captum.attr",
+                "torch alone": "import torch"}
+
+
+def machine() -> str:
+    """CPU, cores and the versions of everything measured."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    cpu = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")),
+               platform.processor())
+    packages = []
+    for name in ("gradcam", "torch", "torchvision", "grad-cam", "torchcam", "captum"):
+        try:
+            packages.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            packages.append(f"{name} (not installed)")
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}; " + ", ".join(packages)
+
+
+def wall(command: list[str], repeats: int) -> float:
+    """Median wall time of running ``command`` to completion."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def startup(repeats: int) -> None:
+    """`gradcam --help` against the time a peer's users wait for its import."""
+    script = shutil.which("gradcam") or str(Path(sys.executable).parent / "gradcam")
+    ours = wall([script, "--help"], repeats)
+    print(f"start-up, median of {repeats}: gradcam --help {ours:.2f} s")
+    for peer, statement in PEER_IMPORTS.items():
+        theirs = wall([sys.executable, "-c", statement], repeats)
+        print(f"  python -c '{statement}' ({peer}) {theirs:.2f} s   ratio {ours / theirs:.2f}")
+
+
+def run(script: str, *args: str) -> None:
+    """Run one benchmark script, its output going straight to ours."""
+    print(f"\n$ python benchmarks/{script} {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, str(HERE / script), *args], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    common = ["--threads", str(args.threads)]
+    print(machine())
+    startup(max(args.repeats, 5))
+    methods = "gradcam,gradcam++,ablationcam" if args.quick else "gradcam,gradcam++,scorecam,ablationcam"
+    run("bench_cams.py", *common, "--repeats", str(args.repeats), "--methods", methods)
+    run("bench_classify.py", *common, "--repeats", str(max(args.repeats, 5)))
+    run("bench_folder.py", *common, "--images", "40" if args.quick else "200")
+
+
+if __name__ == "__main__":
+    main()
