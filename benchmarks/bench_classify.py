@@ -11,7 +11,7 @@ import argparse
 
 import torch
 from captum.attr import Deconvolution, GuidedBackprop, GuidedGradCam, LayerAttribution, LayerGradCam, Saliency
-from common import added_memory, median_time
+from common import median_time, memory_in_child, report_memory
 from torchvision.models import get_model
 
 from gradcam_cli import explain
@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -64,11 +65,12 @@ def main() -> None:
         "gradcam: Grad-CAM top-1": lambda: explain(model, x, layer_name, topk=1, methods=["gradcam"]),
         "captum: LayerGradCam top-1": lambda: captum_gradcam(model, layer, x, classes[0]),
     }
-    rows, memory = {}, {}
-    for name, task in tasks.items():
-        with added_memory() as added:
-            rows[name] = median_time(task, args.repeats)
-        memory[name] = added["mb"]
+    if args.memory_of:
+        report_memory(tasks[args.memory_of])
+        return
+    rows = {name: median_time(task, args.repeats) for name, task in tasks.items()}
+    same = ["--arch", args.arch, "--size", str(args.size), "--threads", str(args.threads)]
+    memory = {name: memory_in_child(__file__, [*same, "--memory-of", name]) for name in tasks}
     ours = explain(model, x, layer_name, class_ids=classes[:1], methods=["gradcam"]).maps["gradcam"][0, 0]
     theirs = captum_gradcam(model, layer, x, classes[0])[0].detach()
     diff = float((ours / ours.max() - theirs / theirs.max()).abs().max())

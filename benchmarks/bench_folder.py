@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import added_memory
+from common import memory_in_child, report_memory
 from PIL import Image
 
 from gradcam_cli import classify, load_model
@@ -49,25 +49,34 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-of", choices=["bare", "gradcam"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.arch, "none")
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_folder(Path(tmp), args.images)
+        tasks = {"bare": lambda: bare(model.module.eval(), args.images, args.batch_size,
+                                      model.preprocess.crop),
+                 "gradcam": lambda: list(classify(model, paths, Path(tmp) / "out", topk=1,
+                                                  methods=["gradcam"], batch_size=args.batch_size))}
+        if args.memory_of:
+            report_memory(tasks[args.memory_of])
+            return
         bare(model.module.eval(), args.batch_size, args.batch_size, model.preprocess.crop)  # warm-up
-        with added_memory() as bare_memory:
-            base = bare(model.module, args.images, args.batch_size, model.preprocess.crop)
+        base = tasks["bare"]()
         start = time.perf_counter()
-        with added_memory() as our_memory:
-            records = list(classify(model, paths, Path(tmp) / "out", topk=1, methods=["gradcam"],
-                                    batch_size=args.batch_size))
+        records = tasks["gradcam"]()
         ours = time.perf_counter() - start
     assert all(r["status"] == "ok" for r in records)
+    same = ["--arch", args.arch, "--images", str(args.images), "--batch-size", str(args.batch_size),
+            "--threads", str(args.threads)]
+    memory = {name: memory_in_child(__file__, [*same, "--memory-of", name]) for name in tasks}
     print(f"{args.arch}, {args.images} images, batch {args.batch_size}, {args.threads} threads")
     print(f"  bare forward+backward  {args.images / base:6.1f} img/s")
     print(f"  gradcam classify       {args.images / ours:6.1f} img/s (decode, explain, render, write)")
     print(f"  ratio gradcam/bare     {base / ours:.2f}  (target >= 0.80)")
-    print(f"  memory added: bare {bare_memory['mb']:.0f} MB, gradcam {our_memory['mb']:.0f} MB")
+    print(f"  memory added (each in a fresh process): bare {memory['bare']:.0f} MB, gradcam "
+          f"{memory['gradcam']:.0f} MB, ratio {memory['gradcam'] / max(memory['bare'], 1):.2f}")
 
 
 if __name__ == "__main__":

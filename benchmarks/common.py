@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,3 +38,17 @@ def added_memory() -> Iterator[dict[str, float]]:
     Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current RSS
     yield result
     result["mb"] = status("VmHWM") - before
+
+
+def report_memory(fn: Callable[[], object]) -> None:
+    """Run ``fn`` once and print the memory it added as a JSON line (a child's answer)."""
+    with added_memory() as added:
+        fn()
+    print(json.dumps({"mb": added["mb"]}))
+
+
+def memory_in_child(script: str, args: list[str]) -> float:
+    """The memory one task adds, measured in a fresh interpreter running ``script args``, so
+    that no task profits from memory an earlier one left to the allocator."""
+    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["mb"]
