@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -134,6 +135,9 @@ def _perturbation_cam(method: str, module: nn.Module, layer: nn.Module, inputs: 
             original = target.score(outputs[i:i + 1].float(), i)[0]
             weights = (original - table) / original
         images.append(torch.cat([M.weighted_cam(act, w[None], size) for w in weights.T]))
+    if fast is not None:  # a torch.fx copy sits in reference cycles: free it now, not later
+        del fast
+        gc.collect()
     return torch.stack(images)
 
 

@@ -12,6 +12,7 @@ layer's C channels perturbed, so that every explained class is served by the sam
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -70,7 +71,9 @@ def inference_copy(module: nn.Module) -> nn.Module:
             copy = fuse(copy, inplace=True)
     except Exception:  # any tracing failure: keep the unfused copy
         pass
-    return copy.to(memory_format=torch.channels_last)
+    copy = copy.to(memory_format=torch.channels_last)
+    gc.collect()  # tracing leaves reference cycles holding the unfused weights: free them now
+    return copy
 
 
 def ablation_logits(module: nn.Module, layer: nn.Module, image: torch.Tensor,
