@@ -25,6 +25,7 @@ import csv
 import io
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import torch
 from . import metrics as MT
 from .engine import evaluating
 from .errors import InputError, UsageError
-from .explanation import explain
+from .explanation import Explanation, explain
 from .inputs import BadInput
 from .io import atomic_write, image_id, json_bytes, load_image, png_bytes, prepare_output_dir
 from .methods import DEFAULT_METHODS
@@ -43,6 +44,20 @@ from .pipeline import Item, prefetch, resolve_layer
 from .render import TITLES, line_plot
 from .sanity import cascade
 from .truth import Truth
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``evaluate`` measures, the same for every image."""
+
+    layer: str
+    methods: Sequence[str]
+    steps: int
+    baseline: str
+    tolerance: float
+    sanity: bool
+    batch_size: int
+
 
 COLUMNS = ("image", "class_id", "name", "method", "deletion_auc", "insertion_auc",
            "confidence_drop", "confidence_increase", "pointing_hit", "energy")
@@ -62,6 +77,7 @@ def evaluate(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     if baseline not in MT.BASELINES:
         raise UsageError(f"--baseline {baseline}: choose from {', '.join(MT.BASELINES)}")
     chosen = resolve_layer(model, layer)
+    settings = Settings(chosen, methods, steps, baseline, tolerance, sanity, batch_size)
     out = prepare_output_dir(Path(output_dir))
     device = next(model.module.parameters()).device
     for batch in prefetch(images, batch_size, partial(_load, model, truth=truth)):
@@ -76,8 +92,7 @@ def evaluate(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
                 yield item
                 continue
             i = next(index)
-            yield _evaluate_image(model, item, x[i], result, i, chosen, methods, steps, baseline,
-                                  tolerance, sanity, batch_size, out)
+            yield _evaluate_image(model, item, x[i], result, i, settings, out)
         if stop():
             break
 
@@ -97,41 +112,45 @@ def _load(model: LoadedModel, item: Item, truth: Truth | None) -> tuple | dict:
         return {"image": str(item), "status": "error", "error": str(exc)}
 
 
-def _evaluate_image(model: LoadedModel, item: tuple, x: torch.Tensor, result, i: int, layer: str,
-                    methods: Sequence[str], steps: int, baseline: str, tolerance: float,
-                    sanity: bool, batch_size: int, out: Path) -> dict:
+def _evaluate_image(model: LoadedModel, item: tuple, x: torch.Tensor, result: Explanation,
+                    i: int, run: Settings, out: Path) -> dict:
     """Every metric for one image's explained classes; its plots and summary written."""
     path, _, mask, scale = item
-    base = MT.baseline_of(x, baseline)
+    base = MT.baseline_of(x, run.baseline)
     classes = []
     for k, class_id in enumerate(result.classes[i].tolist()):
         score = _scorer(model.module, class_id)
         original = float(result.scores[i, class_id])
-        rows = {}
-        for method in methods:
-            saliency = MT.saliency_of(result.maps[method][i, k])
-            curves = [MT.perturbation_curve(score, x, saliency, base, steps, insert, batch_size)
-                      for insert in (False, True)]
-            drop, increase = MT.confidence_change(score, x, saliency, original)
-            rows[method] = {"deletion_auc": MT.auc(curves[0]), "insertion_auc": MT.auc(curves[1]),
-                            "confidence_drop": 100 * drop, "confidence_increase": increase,
-                            "deletion_curve": curves[0].tolist(), "insertion_curve": curves[1].tolist()}
-            if mask is not None:
-                rows[method]["pointing_hit"] = MT.pointing_hit(saliency, mask, tolerance * scale)
-                rows[method]["energy"] = MT.energy_in(saliency, mask)
+        rows = {m: _measure(score, x, MT.saliency_of(result.maps[m][i, k]), base, original, mask,
+                            run.tolerance * scale, run) for m in run.methods}
         classes.append({"rank": k + 1, "class_id": class_id, "name": model.categories[class_id],
                         "probability": round(original, 6), "metrics": rows})
-    folder = out / image_id(path) / f"{model.arch}@{layer}-evaluate"
+    folder = out / image_id(path) / f"{model.arch}@{run.layer}-evaluate"
     record = {"image": str(path), "status": "ok", "arch": model.arch, "weights": model.weights,
-              "layer": layer, "steps": steps, "baseline": baseline, "classes": classes,
+              "layer": run.layer, "steps": run.steps, "baseline": run.baseline, "classes": classes,
               "curves": str(folder / "curves.png"), "summary": str(folder / "summary.json")}
-    if sanity:
-        record["sanity"] = _sanity(model, x, layer, result.classes[i].tolist(), methods, batch_size)
+    if run.sanity:
+        record["sanity"] = _sanity(model, x, result.classes[i].tolist(), run)
         record["sanity_plot"] = str(folder / "sanity.png")
         atomic_write(folder / "sanity.png", png_bytes(sanity_plot([record])))
     atomic_write(folder / "curves.png", png_bytes(curves_plot([record])))
     atomic_write(folder / "summary.json", json_bytes(record))
     return record
+
+
+def _measure(score: MT.Scorer, x: torch.Tensor, saliency: torch.Tensor, base: torch.Tensor,
+             original: float, mask: torch.Tensor | None, tolerance: float, run: Settings) -> dict:
+    """The metrics of one map: curves and AUCs, confidence change, pointing games."""
+    curves = [MT.perturbation_curve(score, x, saliency, base, run.steps, insert, run.batch_size)
+              for insert in (False, True)]
+    drop, increase = MT.confidence_change(score, x, saliency, original)
+    row = {"deletion_auc": MT.auc(curves[0]), "insertion_auc": MT.auc(curves[1]),
+           "confidence_drop": 100 * drop, "confidence_increase": increase,
+           "deletion_curve": curves[0].tolist(), "insertion_curve": curves[1].tolist()}
+    if mask is not None:
+        row["pointing_hit"] = MT.pointing_hit(saliency, mask, tolerance)
+        row["energy"] = MT.energy_in(saliency, mask)
+    return row
 
 
 def _scorer(module: torch.nn.Module, class_id: int) -> MT.Scorer:
@@ -142,14 +161,13 @@ def _scorer(module: torch.nn.Module, class_id: int) -> MT.Scorer:
     return score
 
 
-def _sanity(model: LoadedModel, x: torch.Tensor, layer: str, class_ids: list[int],
-            methods: Sequence[str], batch_size: int) -> list[dict]:
+def _sanity(model: LoadedModel, x: torch.Tensor, class_ids: list[int], run: Settings) -> list[dict]:
     """Cascading randomisation: per block, the Spearman correlation of each class's maps."""
     def maps(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        result = explain(module, x[None], layer, class_ids=class_ids, methods=methods,
-                         batch_size=batch_size)
+        result = explain(module, x[None], run.layer, class_ids=class_ids, methods=run.methods,
+                         batch_size=run.batch_size)
         return {f"{c}/{m}": MT.saliency_of(result.maps[m][0, k])
-                for k, c in enumerate(class_ids) for m in methods}
+                for k, c in enumerate(class_ids) for m in run.methods}
     steps = cascade(model.module, x[None], maps, MT.spearman)
     return [{"layer": name, "spearman": scores} for name, scores in steps]
 
