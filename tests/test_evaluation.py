@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
+from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.transforms import InterpolationMode
 
 from gradcam_cli.evaluation import averages, evaluate, write_summary
@@ -28,7 +29,7 @@ CLASSES = ["square", "plus", "x", "corner"]
 def as_model(net: torch.nn.Module) -> LoadedModel:
     """Wrap a network taking SIZE x SIZE images in [0, 1] as a LoadedModel."""
     preprocess = Preprocess(SIZE, SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), InterpolationMode.BILINEAR)
-    return LoadedModel("resnet18", net.eval(), CLASSES, preprocess, "test")
+    return LoadedModel("resnet", net.eval(), CLASSES, preprocess, "test")
 
 
 def write_scenes(folder: Path, images: torch.Tensor, where: torch.Tensor) -> list[Path]:
@@ -91,11 +92,17 @@ def test_missing_mask_and_boxes(tmp_path: Path) -> None:
     assert by_box["energy"] == records[0]["classes"][0]["metrics"]["gradcam"]["energy"]
 
 
+def resnet10() -> torch.nn.Module:
+    """torchvision's ResNet with one basic block per stage (4 classes): resnet18's layout at
+    about half its cost."""
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=4)
+
+
 def train(steps: int, g: torch.Generator) -> torch.nn.Module:
-    """torchvision's resnet18 (4 classes) trained on scenes with two distractors each; batch
-    norm statistics are then re-estimated on fresh scenes (Adam's last steps leave the
-    running averages behind the weights)."""
-    net = torchvision.models.resnet18(num_classes=4)
+    """A resnet10 trained on scenes with two distractors each; batch norm statistics are then
+    re-estimated on fresh scenes (Adam's last steps leave the running averages behind the
+    weights)."""
+    net = resnet10()
     optimiser = torch.optim.Adam(net.parameters(), lr=1e-3)
     for _ in range(steps):
         x, y, _ = scenes(32, g, size=SIZE, side=SIDE, distractors=2)
@@ -114,27 +121,28 @@ def train(steps: int, g: torch.Generator) -> torch.nn.Module:
 
 
 def test_trained_network_points_at_the_deciding_object(tmp_path: Path) -> None:
-    """Train resnet18 for 150 steps (~60 s) on generated scenes in which only a 16 px object
-    at a random place decides the class, beside two random patterns just as conspicuous;
-    evaluate Grad-CAM at layer2 on 40 new scenes with the objects' masks and no tolerance.
+    """Train a resnet10 for 150 steps (~30 s) on generated scenes in which only a 16 px
+    object at a random place decides the class, beside two random patterns just as
+    conspicuous; evaluate Grad-CAM at layer2 on 40 new scenes with the objects' masks and no
+    pointing tolerance.
 
-    Seeds are fixed, so the numbers are the same on every run. Measured: accuracy 0.95,
-    pointing game 0.85 and energy 0.38 (the object is 6% of the image), against 0.1 and
-    0.07 for the same network with random weights, which points at whichever pattern it
+    Seeds are fixed, so the numbers are the same on every run. Measured: accuracy 1.0,
+    pointing game 0.875 and energy 0.37 (the object is 6% of the image), against 0.125 and
+    0.08 for the same network with random weights, which points at whichever pattern it
     happens to like. The test asks for 0.7 and 0.25, and for at least 0.4 more pointing
     than the random network.
 
     The randomisation test on three of the scenes shows Adebayo et al.'s result: once only
-    the head (fc) is re-initialised, guided backprop's map keeps its ranks (Spearman 0.99
-    measured on the first scene) while Grad-CAM's does not (-0.7); asked: >= 0.9 and <= 0.5
-    on average."""
+    the head (fc) is re-initialised, guided backprop's maps keep their ranks (Spearman 0.98,
+    0.99, 0.99 measured) while Grad-CAM's mostly do not (-0.67, -0.66, 0.97); asked: guided
+    >= 0.9 on average and at least 0.4 above Grad-CAM (measured 1.1)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     net = train(150, g)
     images, _, where = scenes(40, g, size=SIZE, side=SIDE, distractors=2)
     paths = write_scenes(tmp_path, images, where)
     scores = {}
-    for name, model in (("trained", net), ("random", torchvision.models.resnet18(num_classes=4))):
+    for name, model in (("trained", net), ("random", resnet10())):
         records = evaluate(as_model(model), paths, tmp_path / name, layer="layer2",
                            methods=["gradcam"], steps=2, truth=Truth(mask_dir=tmp_path / "masks"),
                            tolerance=0, batch_size=20)
@@ -148,4 +156,4 @@ def test_trained_network_points_at_the_deciding_object(tmp_path: Path) -> None:
     assert all(step["layer"] == "fc" for step in head)
     mean = {m: np.mean([step["spearman"][f"{r['classes'][0]['class_id']}/{m}"]
                         for step, r in zip(head, records)]) for m in ("gradcam", "guided")}
-    assert mean["guided"] >= 0.9 and mean["gradcam"] <= 0.5, mean
+    assert mean["guided"] >= 0.9 and mean["guided"] - mean["gradcam"] >= 0.4, mean
