@@ -16,6 +16,7 @@ Output, beside classify's folders::
     <output-dir>/<image-stem>-<hash8>/<arch>@<layer>-evaluate/
         summary.json  curves.png  sanity.png
     <output-dir>/evaluate-<arch>@<layer>.csv / .json   every row and the averages
+    <output-dir>/evaluate-<arch>@<layer>-sanity.csv       --sanity: a row per randomised block
     <output-dir>/evaluate-<arch>@<layer>-curves.png / -sanity.png
 """
 
@@ -180,6 +181,15 @@ def summary_rows(records: Sequence[dict]) -> list[dict]:
             for c in r["classes"] for m, v in c["metrics"].items()]
 
 
+def sanity_rows(records: Sequence[dict]) -> list[dict]:
+    """One flat row per image, class, method and randomised block, for the sanity CSV."""
+    return [{"image": r["image"], "class_id": int(key.split("/", 1)[0]),
+             "method": key.split("/", 1)[1], "step": j + 1, "block": step["layer"],
+             "spearman": value}
+            for r in records if r["status"] == "ok" and "sanity" in r
+            for j, step in enumerate(r["sanity"]) for key, value in step["spearman"].items()]
+
+
 def averages(records: Sequence[dict]) -> dict[str, dict[str, float | None]]:
     """Per method, the mean of every metric over images and classes (pointing: hit rate;
     drop and increase in %, i.e. Average Drop and Increase in Confidence)."""
@@ -247,19 +257,18 @@ def _methods(records: Sequence[dict]) -> list[str]:
 
 
 def write_summary(records: Sequence[dict], output_dir: str | Path, tag: str) -> dict:
-    """Write the CSV and JSON tables and the mean plots of a run; return the averages."""
+    """Write the CSV and JSON tables (and the sanity CSV: a row per randomised block) and the
+    mean plots of a run; return the averages."""
     out = Path(output_dir)
     rows = summary_rows(records)
     table = averages(records)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows([{k: _cell(v) for k, v in row.items()} for row in rows])
-    atomic_write(out / f"evaluate-{tag}.csv", buffer.getvalue().encode())
+    atomic_write(out / f"evaluate-{tag}.csv", _csv(COLUMNS, rows))
     atomic_write(out / f"evaluate-{tag}.json", json_bytes({"averages": table, "rows": rows}))
     if rows:
         atomic_write(out / f"evaluate-{tag}-curves.png", png_bytes(curves_plot(records)))
-    if any("sanity" in r for r in records):
+    sanity = sanity_rows(records)
+    if sanity:
+        atomic_write(out / f"evaluate-{tag}-sanity.csv", _csv(tuple(sanity[0]), sanity))
         atomic_write(out / f"evaluate-{tag}-sanity.png", png_bytes(sanity_plot(records)))
     return table
 
@@ -281,6 +290,15 @@ def format_averages(table: dict[str, dict[str, float | None]]) -> str:
             cells.append(f"{'-' if value is None else f'{value:.3f}':>{len(HEADINGS[k])}}")
         lines.append(f"{method:<15} " + "  ".join(cells))
     return "\n".join(lines)
+
+
+def _csv(columns: Sequence[str], rows: Sequence[dict]) -> bytes:
+    """A CSV table with a header line."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([{k: _cell(v) for k, v in row.items()} for row in rows])
+    return buffer.getvalue().encode()
 
 
 def _cell(value: object) -> object:

@@ -269,11 +269,15 @@ def test_evaluate_prints_the_table_and_writes_it(photo: Path, tmp_path: Path) ->
     boxes.write_text(f"image,x0,y0,x1,y1\n{photo.name},60,20,200,160\n")
     out_dir = tmp_path / "res"
     code, out, err = run(*EVALUATE, "--image-path", str(photo), "--boxes", str(boxes),
-                         "--output-dir", str(out_dir))
+                         "--output-dir", str(out_dir), "--sanity")
     assert code == 0, err
-    assert "deletion AUC" in out and "pointing game" in out
+    assert "deletion AUC" in out and "pointing game" in out and "sanity" in out
     table = (out_dir / "evaluate-resnet18@layer4.csv").read_text().splitlines()
     assert table[0].startswith("image,class_id,name,method,deletion_auc") and len(table) == 2
+    sanity = (out_dir / "evaluate-resnet18@layer4-sanity.csv").read_text().splitlines()
+    assert sanity[0] == "image,class_id,method,step,block,spearman"
+    assert sanity[1].split(",")[3:5] == ["1", "fc"] and sanity[-1].split(",")[4] == "conv1"
+    assert (out_dir / "evaluate-resnet18@layer4-sanity.png").is_file()
     code, out, err = run(*EVALUATE, "--image-path", str(photo), "--output-dir", str(out_dir),
                          "--json")
     assert code == 0 and json.loads(out)["status"] == "ok" and "deletion AUC" in err
