@@ -25,7 +25,9 @@ setup(
     ],
     extras_require={
         "safetensors": ["safetensors>=0.3"],
-        "test": ["pytest>=7", "captum>=0.7", "grad-cam>=1.5", "safetensors>=0.3", "ruff>=0.4"],
+        # torchcam pinned: tests/test_methods_torchcam.py reproduces 0.5.0's own conventions
+        "test": ["pytest>=7", "captum>=0.7", "grad-cam>=1.5", "torchcam==0.5.0", "safetensors>=0.3",
+                 "ruff>=0.4"],
         "bench": ["captum>=0.7", "grad-cam>=1.5", "torchcam>=0.4"],
     },
     entry_points={"console_scripts": ["gradcam=gradcam_cli.cli:main"]},
