@@ -192,6 +192,7 @@ def compare_layers(arch: str, weights: str, num_classes: int | None, labels: str
 @main.command(epilog=EXIT_CODES)
 @model_options
 @image_options
+@skip_option
 @class_options(topk=1)
 @click.option("--layer", help="Target layer for the CAM maps (default: as for classify).")
 @click.option("--method", "methods", multiple=True, callback=lambda _c, _p, v: split_methods(v),

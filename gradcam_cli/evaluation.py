@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -68,12 +70,15 @@ def evaluate(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
              layer: str | None = None, topk: int = 1, class_ids: Sequence[int] = (),
              methods: Sequence[str] = DEFAULT_METHODS, steps: int = 20, baseline: str = "blur",
              truth: Truth | None = None, tolerance: float = 15.0, sanity: bool = False,
-             batch_size: int = 8, stop: Callable[[], bool] = lambda: False,
-             progress: bool = False) -> Iterator[dict]:
+             batch_size: int = 8, skip_existing: bool = False,
+             stop: Callable[[], bool] = lambda: False, progress: bool = False) -> Iterator[dict]:
     """Yield one record per image with every metric of every explained class and method.
 
     Bad images (or a missing mask) give an error record and the rest go on; ``stop`` is asked
-    after each batch. ``write_summary`` turns the records into the averaged table.
+    after each batch. With ``skip_existing`` an image whose summary an earlier run with the
+    same settings left is not evaluated again: its record comes back as "skipped", numbers
+    included, so the table still covers it. ``write_summary`` turns the records into the
+    averaged table.
     """
     if baseline not in MT.BASELINES:
         raise UsageError(f"--baseline {baseline}: choose from {', '.join(MT.BASELINES)}")
@@ -81,7 +86,9 @@ def evaluate(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     settings = Settings(chosen, methods, steps, baseline, tolerance, sanity, batch_size)
     out = prepare_output_dir(Path(output_dir))
     device = next(model.module.parameters()).device
-    for batch in prefetch(images, batch_size, partial(_load, model, truth=truth)):
+    todo = [(_existing(model, item, settings, out) if skip_existing else None) or item
+            for item in images]
+    for batch in prefetch(todo, batch_size, partial(_load, model, truth=truth)):
         good = [item for item in batch if isinstance(item, tuple)]
         result = None
         if good:
@@ -98,8 +105,31 @@ def evaluate(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
             break
 
 
-def _load(model: LoadedModel, item: Item, truth: Truth | None) -> tuple | dict:
+def _folder(model: LoadedModel, image: Item, run: Settings, out: Path) -> Path:
+    """Where one image's evaluation files go."""
+    return out / image_id(image) / f"{model.arch}@{run.layer}-evaluate"
+
+
+def _existing(model: LoadedModel, item: Item, run: Settings, out: Path) -> dict | None:
+    """An earlier run's record for this image, as "skipped", if it used the same steps,
+    baseline, methods and sanity setting and its files are all there."""
+    if isinstance(item, BadInput):
+        return None
+    try:
+        record = json.loads((_folder(model, item, run, out) / "summary.json").read_text())
+        same = (record["steps"] == run.steps and record["baseline"] == run.baseline
+                and list(record["classes"][0]["metrics"]) == list(run.methods)
+                and ("sanity" in record) == run.sanity)
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    files = [record["curves"], *([record["sanity_plot"]] if run.sanity else [])]
+    return {**record, "status": "skipped"} if same and all(map(os.path.isfile, files)) else None
+
+
+def _load(model: LoadedModel, item: Item | dict, truth: Truth | None) -> tuple | dict:
     """Decode and crop an image and its object mask (if any), or give an error record."""
+    if isinstance(item, dict):
+        return item
     if isinstance(item, BadInput):
         return {"image": item.path, "status": "error", "error": item.reason}
     try:
@@ -126,7 +156,7 @@ def _evaluate_image(model: LoadedModel, item: tuple, x: torch.Tensor, result: Ex
                             run.tolerance * scale, run) for m in run.methods}
         classes.append({"rank": k + 1, "class_id": class_id, "name": model.categories[class_id],
                         "probability": round(original, 6), "metrics": rows})
-    folder = out / image_id(path) / f"{model.arch}@{run.layer}-evaluate"
+    folder = _folder(model, path, run, out)
     record = {"image": str(path), "status": "ok", "arch": model.arch, "weights": model.weights,
               "layer": run.layer, "steps": run.steps, "baseline": run.baseline, "classes": classes,
               "curves": str(folder / "curves.png"), "summary": str(folder / "summary.json")}
@@ -173,11 +203,16 @@ def _sanity(model: LoadedModel, x: torch.Tensor, class_ids: list[int], run: Sett
     return [{"layer": name, "spearman": scores} for name, scores in steps]
 
 
+def _measured(records: Sequence[dict]) -> list[dict]:
+    """Records with numbers: evaluated now, or skipped because an earlier run evaluated them."""
+    return [r for r in records if r["status"] in ("ok", "skipped") and "classes" in r]
+
+
 def summary_rows(records: Sequence[dict]) -> list[dict]:
     """One flat row per image, class and method, for the CSV table."""
     return [{"image": r["image"], "class_id": c["class_id"], "name": c["name"], "method": m,
              **{key: v.get(key) for key in COLUMNS[4:]}}
-            for r in records if r["status"] == "ok"
+            for r in _measured(records)
             for c in r["classes"] for m, v in c["metrics"].items()]
 
 
@@ -186,7 +221,7 @@ def sanity_rows(records: Sequence[dict]) -> list[dict]:
     return [{"image": r["image"], "class_id": int(key.split("/", 1)[0]),
              "method": key.split("/", 1)[1], "step": j + 1, "block": step["layer"],
              "spearman": value}
-            for r in records if r["status"] == "ok" and "sanity" in r
+            for r in _measured(records) if "sanity" in r
             for j, step in enumerate(r["sanity"]) for key, value in step["spearman"].items()]
 
 
@@ -213,7 +248,7 @@ def _mean(values: Sequence) -> float | None:
 
 def _sanity_means(records: Sequence[dict]) -> dict[str, list[float | None]]:
     """Per method, the mean Spearman correlation after each randomised block."""
-    images = [r["sanity"] for r in records if r["status"] == "ok" and "sanity" in r]
+    images = [r["sanity"] for r in _measured(records) if "sanity" in r]
     if not images:
         return {}
     methods = dict.fromkeys(key.split("/", 1)[1] for key in images[0][0]["spearman"])
@@ -228,7 +263,7 @@ def curves_plot(records: Sequence[dict]) -> np.ndarray:
     for kind in ("deletion", "insertion"):
         lines = {}
         for method in _methods(records):
-            curves = [c["metrics"][method][f"{kind}_curve"] for r in records if r["status"] == "ok"
+            curves = [c["metrics"][method][f"{kind}_curve"] for r in _measured(records)
                       for c in r["classes"]]
             mean = np.mean(curves, axis=0)
             area = float(((mean[1:] + mean[:-1]) / 2).mean())
@@ -242,7 +277,7 @@ def curves_plot(records: Sequence[dict]) -> np.ndarray:
 
 def sanity_plot(records: Sequence[dict]) -> np.ndarray:
     """Mean Spearman correlation per method after each block is randomised, top block first."""
-    first = next(r for r in records if r["status"] == "ok" and "sanity" in r)
+    first = next(r for r in _measured(records) if "sanity" in r)
     names = [s["layer"] for s in first["sanity"]]
     lines = {TITLES.get(m, m): scores for m, scores in _sanity_means(records).items()}
     return line_plot([("cascading randomisation (Adebayo et al. 2018)",
@@ -251,8 +286,8 @@ def sanity_plot(records: Sequence[dict]) -> np.ndarray:
 
 
 def _methods(records: Sequence[dict]) -> list[str]:
-    """The methods of the first successful record, in its order."""
-    first = next(r for r in records if r["status"] == "ok")
+    """The methods of the first measured record, in its order."""
+    first = _measured(records)[0]
     return list(first["classes"][0]["metrics"])
 
 

@@ -157,3 +157,21 @@ def test_trained_network_points_at_the_deciding_object(tmp_path: Path) -> None:
     mean = {m: np.mean([step["spearman"][f"{r['classes'][0]['class_id']}/{m}"]
                         for step, r in zip(head, records)]) for m in ("gradcam", "guided")}
     assert mean["guided"] >= 0.9 and mean["guided"] - mean["gradcam"] >= 0.4, mean
+
+
+def test_skip_existing_reuses_earlier_numbers_only_for_the_same_settings(tmp_path: Path) -> None:
+    images, _, where = scenes(2, torch.Generator().manual_seed(3), size=SIZE, side=SIDE)
+    paths = write_scenes(tmp_path, images, where)
+    model = as_model(torchvision.models.resnet18(num_classes=4))
+    first = list(evaluate(model, paths, tmp_path / "out", methods=["gradcam"], steps=3))
+    again = list(evaluate(model, paths, tmp_path / "out", methods=["gradcam"], steps=3,
+                          skip_existing=True))
+    assert [r["status"] for r in again] == ["skipped", "skipped"]
+    assert averages(again) == averages(first)  # the table still covers the skipped images
+    Path(first[1]["curves"]).unlink()  # a missing file, or other settings: evaluated again
+    redone = list(evaluate(model, paths, tmp_path / "out", methods=["gradcam"], steps=3,
+                           skip_existing=True))
+    assert [r["status"] for r in redone] == ["skipped", "ok"]
+    other = list(evaluate(model, paths, tmp_path / "out", methods=["gradcam"], steps=4,
+                          skip_existing=True))
+    assert [r["status"] for r in other] == ["ok", "ok"]
