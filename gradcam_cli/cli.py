@@ -226,20 +226,21 @@ def evaluate(arch: str, weights: str, num_classes: int | None, labels: str | Non
     from .truth import read_truth
 
     truth = read_truth(masks, boxes)
+    tag = {}  # the tables' name, <arch>@<layer>, known once the model is loaded
 
     def start(model: LoadedModel, _items: list) -> Callable[..., Iterator[dict]]:
         chosen = resolve_layer(model, layer)
+        tag["name"] = f"{model.arch}@{chosen}"
         return partial(evaluate_images, layer=chosen, topk=topk, class_ids=class_ids,
                        methods=methods or DEFAULT_METHODS, steps=steps, baseline=baseline,
                        truth=truth, tolerance=tolerance, sanity=sanity)
 
-    def finish(model: LoadedModel, records: list[dict], as_json: bool) -> None:
-        chosen = resolve_layer(model, layer)
-        table = write_summary(records, options["output_dir"], f"{model.arch}@{chosen}")
+    def finish(_model: LoadedModel, records: list[dict], as_json: bool) -> None:
+        table = write_summary(records, options["output_dir"], tag["name"])
         if table:
+            where = Path(options["output_dir"]) / f"evaluate-{tag['name']}"
             click.echo(format_averages(table), err=as_json)
-            click.echo(f"  -> {Path(options['output_dir']) / f'evaluate-{model.arch}@{chosen}'}"
-                       ".csv/.json/-curves.png", err=as_json)
+            click.echo(f"  -> {where}.csv/.json/-curves.png", err=as_json)
     load = partial(load_model, arch, weights, num_classes, labels, unsafe_load, pick_device(cuda))
     run_images(load, start, report=_print_evaluated, finish=finish, **options)
 

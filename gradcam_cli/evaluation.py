@@ -34,16 +34,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import metrics as MT
 from .engine import evaluating
-from .errors import InputError, UsageError
+from .errors import UsageError
 from .explanation import Explanation, explain
 from .inputs import BadInput
-from .io import atomic_write, image_id, json_bytes, load_image, png_bytes, prepare_output_dir
+from .io import atomic_write, image_id, json_bytes, png_bytes, prepare_output_dir
 from .methods import DEFAULT_METHODS
 from .models import LoadedModel
-from .pipeline import Item, prefetch, resolve_layer
+from .pipeline import Item, load_item, prefetch, resolve_layer
 from .render import TITLES, line_plot
 from .sanity import cascade
 from .truth import Truth
@@ -88,7 +89,7 @@ def evaluate(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     device = next(model.module.parameters()).device
     todo = [(_existing(model, item, settings, out) if skip_existing else None) or item
             for item in images]
-    for batch in prefetch(todo, batch_size, partial(_load, model, truth=truth)):
+    for batch in prefetch(todo, batch_size, partial(load_item, decode=partial(_decoded, model, truth))):
         good = [item for item in batch if isinstance(item, tuple)]
         result = None
         if good:
@@ -126,21 +127,14 @@ def _existing(model: LoadedModel, item: Item, run: Settings, out: Path) -> dict 
     return {**record, "status": "skipped"} if same and all(map(os.path.isfile, files)) else None
 
 
-def _load(model: LoadedModel, item: Item | dict, truth: Truth | None) -> tuple | dict:
-    """Decode and crop an image and its object mask (if any), or give an error record."""
-    if isinstance(item, dict):
-        return item
-    if isinstance(item, BadInput):
-        return {"image": item.path, "status": "error", "error": item.reason}
-    try:
-        image = load_image(item)
-        mask = None
-        if truth is not None:
-            crop = model.preprocess.crop_image(truth.mask_for(Path(item), image.size), nearest=True)
-            mask = torch.from_numpy(np.asarray(crop) > 127)
-        return Path(item), model.preprocess.crop_image(image), mask, model.preprocess.scale(image.size)
-    except InputError as exc:
-        return {"image": str(item), "status": "error", "error": str(exc)}
+def _decoded(model: LoadedModel, truth: Truth | None, path: Path, image: Image.Image) -> tuple:
+    """The crop the model sees, the object mask cropped alike (if any), and the scale from
+    original to crop pixels."""
+    mask = None
+    if truth is not None:
+        crop = model.preprocess.crop_image(truth.mask_for(path, image.size), nearest=True)
+        mask = torch.from_numpy(np.asarray(crop) > 127)
+    return path, model.preprocess.crop_image(image), mask, model.preprocess.scale(image.size)
 
 
 def _evaluate_image(model: LoadedModel, item: tuple, x: torch.Tensor, result: Explanation,
@@ -248,13 +242,10 @@ def _mean(values: Sequence) -> float | None:
 
 def _sanity_means(records: Sequence[dict]) -> dict[str, list[float | None]]:
     """Per method, the mean Spearman correlation after each randomised block."""
-    images = [r["sanity"] for r in _measured(records) if "sanity" in r]
-    if not images:
-        return {}
-    methods = dict.fromkeys(key.split("/", 1)[1] for key in images[0][0]["spearman"])
-    return {m: [_mean([v for image in images for key, v in image[j]["spearman"].items()
-                       if key.split("/", 1)[1] == m]) for j in range(len(images[0]))]
-            for m in methods}
+    by_step: dict[str, dict[int, list]] = {}
+    for row in sanity_rows(records):
+        by_step.setdefault(row["method"], {}).setdefault(row["step"], []).append(row["spearman"])
+    return {m: [_mean(values) for _, values in sorted(steps.items())] for m, steps in by_step.items()}
 
 
 def curves_plot(records: Sequence[dict]) -> np.ndarray:
@@ -265,9 +256,8 @@ def curves_plot(records: Sequence[dict]) -> np.ndarray:
         for method in _methods(records):
             curves = [c["metrics"][method][f"{kind}_curve"] for r in _measured(records)
                       for c in r["classes"]]
-            mean = np.mean(curves, axis=0)
-            area = float(((mean[1:] + mean[:-1]) / 2).mean())
-            lines[f"{TITLES.get(method, method)} (AUC {area:.3f})"] = mean.tolist()
+            mean = torch.tensor(curves).mean(dim=0)
+            lines[f"{TITLES.get(method, method)} (AUC {MT.auc(mean):.3f})"] = mean.tolist()
         steps = len(next(iter(lines.values()))) - 1
         panels.append((f"{kind} ({'lower' if kind == 'deletion' else 'higher'} is better)",
                        f"fraction of pixels {'removed' if kind == 'deletion' else 'inserted'}",

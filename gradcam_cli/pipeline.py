@@ -153,7 +153,7 @@ def _run(model: LoadedModel, images: Sequence[Item], output_dir: Path, job: Job,
         todo.append(done or item)
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending = None
-        for batch in prefetch(todo, batch_size, partial(_load, model)):
+        for batch in prefetch(todo, batch_size, partial(load_item, decode=partial(_cropped, model))):
             good = [item for item in batch if isinstance(item, tuple)]
             results = []
             if good:
@@ -205,16 +205,22 @@ def _paths(maps: dict) -> Iterator[str]:
         yield from (_paths(value) if isinstance(value, dict) else [value])
 
 
-def _load(model: LoadedModel, item: Item | dict) -> Loaded:
-    """Decode and crop one image, or turn its failure into an error record."""
+def load_item(item: Item | dict, decode: Callable[[Path, Image.Image], tuple]) -> tuple | dict:
+    """``decode(path, image)`` of one input; a skip record passes through and any failure
+    becomes an error record, so one bad image never stops the others."""
     if isinstance(item, dict):
         return item
     if isinstance(item, BadInput):
         return {"image": item.path, "status": "error", "error": item.reason}
     try:
-        return Path(item), model.preprocess.crop_image(load_image(item))
+        return decode(Path(item), load_image(item))
     except InputError as exc:
         return {"image": str(item), "status": "error", "error": str(exc)}
+
+
+def _cropped(model: LoadedModel, path: Path, image: Image.Image) -> tuple[Path, Image.Image]:
+    """The image's path and the crop the model sees."""
+    return path, model.preprocess.crop_image(image)
 
 
 def prefetch(items: Sequence[Item | dict], batch_size: int,

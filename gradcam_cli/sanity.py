@@ -93,8 +93,8 @@ def randomise(unit: nn.Module, seed: int) -> None:
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         covered = set()
-        for layer in [unit] if isinstance(unit, _Own) else unit.modules():
-            if hasattr(layer, "reset_parameters") and not isinstance(layer, _Own):
+        for layer in [] if isinstance(unit, _Own) else unit.modules():
+            if hasattr(layer, "reset_parameters"):
                 layer.reset_parameters()
                 covered.update(id(p) for p in layer.parameters(recurse=False))
         for p in unit.parameters():
