@@ -16,12 +16,12 @@ import argparse
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
-import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from common import median_time
 
 HERE = Path(__file__).resolve().parent
 PEER_IMPORTS = {"pytorch-grad-cam": "import pytorch_grad_cam",
@@ -45,13 +45,9 @@ def machine() -> str:
 
 
 def wall(command: list[str], repeats: int) -> float:
-    """Median wall time of running ``command`` to completion."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median wall time of running ``command`` to completion (after one warm-up run, so every
+    command starts with the files it imports in the page cache)."""
+    return median_time(lambda: subprocess.run(command, check=True, capture_output=True), repeats)
 
 
 def startup(repeats: int) -> None:
