@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
@@ -19,7 +18,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .choices import BASELINES, PROXY_KINDS, SIMILARITIES
-from .errors import GradcamError, UsageError, unknown
+from .errors import ArgumentError, GradcamError, UsageError, quoted, unknown
 from .inputs import BadInput, expand, parse_shard, read_image_list
 from .inputs import shard as select
 
@@ -40,8 +39,27 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except GradcamError as exc:
-            click.echo(f"gradcam: error: {exc}", err=True)
+            click.echo(f"gradcam: error: {flag_message(exc)}", err=True)
             ctx.exit(exc.exit_code)
+
+
+FLAGS = {  # library argument -> the option that sets it
+    "arch": "--arch", "weights": "--weights", "num_classes": "--num-classes", "labels": "--labels",
+    "layer": "--layer", "layers": "--layers", "methods": "--method", "topk": "--topk",
+    "class_ids": "--class-id", "batch_size": "--batch-size", "output_dir": "--output-dir",
+    "image_list": "--image-list", "shard": "--shard", "boxes": "--boxes", "masks": "--masks",
+    "tolerance": "--tolerance", "steps": "--steps", "baseline": "--baseline",
+    "similarity": "--similarity", "proxy_kind": "--proxy", "proxy_file": "--proxy-file",
+    "proxy_dir": "--proxies", "references": "--reference", "embedding_dim": "--embedding-dim",
+    "device": "--cuda",
+}
+
+
+def flag_message(exc: GradcamError) -> str:
+    """The one line for an error: a library argument's error is said with its option."""
+    if isinstance(exc, ArgumentError) and exc.argument in FLAGS:
+        return f"{FLAGS[exc.argument]} {quoted(exc.value)}: {exc.problem}"
+    return str(exc)
 
 
 def pick_device(cuda: bool | None) -> torch.device:
@@ -59,7 +77,7 @@ def split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
     names = [n.strip() for v in values for n in v.split(",") if n.strip()]
     for name in names:
         if name not in METHODS:
-            raise unknown("method", name, METHODS)
+            raise unknown("methods", name, METHODS, "method")
     return tuple(dict.fromkeys(names))
 
 
@@ -358,6 +376,8 @@ def run_images(load: Callable[[], LoadedModel],
     the pipeline; ``report`` prints a finished image (default: its classes), ``finish`` gets
     every record at the end (evaluate's averaged table).
     """
+    from .io import json_text
+
     paths = [*images, *(read_image_list(image_list) if image_list else [])]
     if not paths:
         raise UsageError("no images: give --image-path PATH or --image-list FILE")
@@ -380,7 +400,7 @@ def run_images(load: Callable[[], LoadedModel],
             if record["status"] == "error":
                 click.echo(f"gradcam: error: {record['error']}", err=True)
             if as_json:
-                click.echo(json.dumps(record, sort_keys=True, ensure_ascii=False))
+                click.echo(json_text(record))
             elif record["status"] == "ok":
                 (report or _print_table)(record)
     if finish:

@@ -96,9 +96,19 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def json_text(record: dict, indent: int | None = None) -> str:
+    """A record as stable JSON text that any UTF-8 stream can carry.
+
+    A file name that is not valid UTF-8 reaches Python with its bad bytes as lone surrogates
+    (``x_\\udcff.jpg``); those are written as JSON escapes, which read back to the same name.
+    """
+    text = json.dumps(record, indent=indent, sort_keys=True, ensure_ascii=False)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def json_bytes(record: dict) -> bytes:
     """Encode a record as stable, readable JSON."""
-    return (json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+    return (json_text(record, indent=2) + "\n").encode()
 
 
 def prepare_output_dir(path: Path) -> Path:

@@ -66,7 +66,7 @@ def load_model(arch: str, weights: str = "DEFAULT", num_classes: int | None = No
                device: str | torch.device = "cpu") -> LoadedModel:
     """Build a torchvision classifier by name with DEFAULT/enum/none/checkpoint weights."""
     if arch not in ARCHITECTURES:
-        raise unknown("architecture", arch, ARCHITECTURES)
+        raise unknown("arch", arch, ARCHITECTURES, "architecture")
     enum = get_model_weights(arch)
     if _is_checkpoint(weights):
         module = _build(arch, num_classes or len(enum.DEFAULT.meta["categories"]))
@@ -77,7 +77,7 @@ def load_model(arch: str, weights: str = "DEFAULT", num_classes: int | None = No
         source = "none"
     else:
         if weights not in enum.__members__:
-            raise unknown(f"weights for {arch}", weights, [*enum.__members__, "none"])
+            raise unknown("weights", weights, [*enum.__members__, "none"], f"weights for {arch}")
         if num_classes is not None:
             raise UsageError("--num-classes only applies to --weights none or a checkpoint")
         module = _download(arch, enum[weights])
