@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import glob
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import ArgumentError, quoted
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 
@@ -27,12 +28,13 @@ def is_image_name(path: Path) -> bool:
 
 
 def read_image_list(source: str) -> list[str]:
-    """Read one path per line from a file, or from stdin when ``source`` is ``-``."""
+    """Read one path per line from a file, or from stdin when ``source`` is ``-``; lines are
+    decoded as the file system decodes names, so a name that is not valid UTF-8 finds its file."""
     try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     except OSError as exc:
-        raise UsageError(f"--image-list {source}: cannot read ({exc.strerror})") from exc
-    return [line.strip() for line in text.splitlines() if line.strip()]
+        raise ArgumentError("image_list", source, f"cannot read ({exc.strerror})") from exc
+    return [line.strip() for line in os.fsdecode(data).splitlines() if line.strip()]
 
 
 def expand(paths: Iterable[str]) -> list[Path | BadInput]:
@@ -43,12 +45,12 @@ def expand(paths: Iterable[str]) -> list[Path | BadInput]:
         path = Path(given)
         if path.is_dir():
             images = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
-            found.extend(images or [BadInput(given, f"{given}: no images in this folder")])
+            found.extend(images or [BadInput(given, f"{quoted(given)}: no images in this folder")])
         elif path.exists() or not glob.has_magic(given):
             found.append(path)  # a missing or non-image file fails when it is decoded
         else:
             matches = sorted(Path(p) for p in glob.glob(given, recursive=True) if Path(p).is_file())
-            found.extend(matches or [BadInput(given, f"{given}: no file matches this pattern")])
+            found.extend(matches or [BadInput(given, f"{quoted(given)}: no file matches this pattern")])
     return found
 
 
@@ -61,7 +63,7 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     except ValueError:
         index, count = 0, 0
     if not 1 <= index <= count:
-        raise UsageError(f"--shard {text}: expected I/N with 1 <= I <= N, e.g. 2/8")
+        raise ArgumentError("shard", text, "expected I/N with 1 <= I <= N, e.g. 2/8")
     return index, count
 
 

@@ -7,16 +7,20 @@ exactly as the image is cropped, so map and mask share pixels.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .errors import InputError, UsageError
+from .errors import ArgumentError, InputError, quoted
 from .inputs import IMAGE_SUFFIXES
 from .io import load_image
+
+COORDINATES = ("x0", "y0", "x1", "y1")
 
 
 @dataclass
@@ -33,23 +37,35 @@ class Truth:
             return self._read_mask(image, size)
         boxes = self.boxes.get(str(image), self.boxes.get(image.name))
         if boxes is None:
-            raise InputError(f"{image}: no boxes for it in --boxes (keys are file names)")
+            raise InputError(f"{quoted(image)}: no boxes for it in the boxes file (keys are file names)")
         mask = np.zeros((size[1], size[0]), dtype=np.uint8)
         for x0, y0, x1, y1 in boxes:
             mask[max(0, round(y0)):max(0, round(y1)), max(0, round(x0)):max(0, round(x1))] = 255
         return Image.fromarray(mask)
 
-    def _read_mask(self, image: Path, size: tuple[int, int]) -> Image.Image:
-        """Load and binarise the mask file of ``image``; it must have the image's size."""
+    def source(self, image: Path) -> dict:
+        """What this image's truth is made of, for the resume check: its boxes, or its mask
+        file's digest (another mask, other pointing games)."""
+        if self.mask_dir is None:
+            return {"boxes": self.boxes.get(str(image), self.boxes.get(image.name))}
+        path = self._mask_path(image)
+        return {"mask": None if path is None else hashlib.sha256(path.read_bytes()).hexdigest()}
+
+    def _mask_path(self, image: Path) -> Path | None:
+        """The mask file of ``image``: same file name, or same stem with any image suffix."""
         candidates = [self.mask_dir / image.name,
                       *(self.mask_dir / f"{image.stem}{s}" for s in sorted(IMAGE_SUFFIXES))]
-        path = next((p for p in candidates if p.is_file()), None)
+        return next((p for p in candidates if p.is_file()), None)
+
+    def _read_mask(self, image: Path, size: tuple[int, int]) -> Image.Image:
+        """Load and binarise the mask file of ``image``; it must have the image's size."""
+        path = self._mask_path(image)
         if path is None:
-            raise InputError(f"{image}: no mask named {image.name} or {image.stem}.png in "
-                             f"--masks {self.mask_dir}")
+            raise InputError(f"{quoted(image)}: no mask named {quoted(image.name)} or "
+                             f"{quoted(image.stem + '.png')} in the masks folder {quoted(self.mask_dir)}")
         mask = load_image(path).convert("L")
         if mask.size != size:
-            raise InputError(f"{path}: mask is {mask.size[0]}x{mask.size[1]}, its image "
+            raise InputError(f"{quoted(path)}: mask is {mask.size[0]}x{mask.size[1]}, its image "
                              f"{size[0]}x{size[1]}; masks must match their images")
         return mask.point(lambda v: 255 if v > 127 else 0)
 
@@ -58,10 +74,10 @@ def read_truth(masks: str | None, boxes: str | None) -> Truth | None:
     """Read ``--masks DIR`` or ``--boxes FILE`` (CSV with columns image,x0,y0,x1,y1 or JSON
     ``{"image.jpg": [[x0, y0, x1, y1], …]}``); None when neither is given."""
     if masks and boxes:
-        raise UsageError("give --masks DIR or --boxes FILE, not both")
+        raise ArgumentError("masks", masks, "give masks or boxes, not both")
     if masks:
         if not Path(masks).is_dir():
-            raise UsageError(f"--masks {masks} is not a folder")
+            raise ArgumentError("masks", masks, "is not a folder")
         return Truth(mask_dir=Path(masks))
     if boxes:
         return Truth(boxes=_read_boxes(Path(boxes)))
@@ -69,22 +85,47 @@ def read_truth(masks: str | None, boxes: str | None) -> Truth | None:
 
 
 def _read_boxes(path: Path) -> dict[str, list[list[float]]]:
-    """Parse a boxes file, refusing it in one line when it is malformed."""
+    """Parse a boxes file, refusing it (ArgumentError, one line) when it is malformed or a box
+    is not one: a coordinate that is not finite, or x1 <= x0 or y1 <= y0 (an empty box)."""
     try:
         text = path.read_text()
-        if path.suffix.lower() == ".json":
-            table = {str(k): [[float(v) for v in box] for box in boxes]
-                     for k, boxes in json.loads(text).items()}
-        else:
-            table = {}
-            for row in csv.DictReader(text.splitlines()):
-                box = [float(row[c]) for c in ("x0", "y0", "x1", "y1")]
-                table.setdefault(row["image"], []).append(box)
+        rows = _json_rows(text) if path.suffix.lower() == ".json" else _csv_rows(text)
     except OSError as exc:
-        raise UsageError(f"--boxes {path}: cannot read ({exc.strerror})") from exc
+        raise ArgumentError("boxes", str(path), f"cannot read ({exc.strerror})") from exc
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UsageError(f"--boxes {path}: expected CSV columns image,x0,y0,x1,y1 or JSON "
-                         f'{{"image.jpg": [[x0, y0, x1, y1]]}} ({exc})') from exc
-    if any(len(box) != 4 for boxes in table.values() for box in boxes):
-        raise UsageError(f"--boxes {path}: every box needs four numbers x0, y0, x1, y1")
+        raise ArgumentError("boxes", str(path), "expected CSV columns image,x0,y0,x1,y1 or JSON "
+                            f'{{"image.jpg": [[x0, y0, x1, y1]]}} ({exc})') from exc
+    table: dict[str, list[list[float]]] = {}
+    for image, where, box in rows:
+        problem = _box_problem(box)
+        if problem:
+            raise ArgumentError("boxes", str(path), f"{where}: {problem}")
+        table.setdefault(image, []).append(box)
     return table
+
+
+def _csv_rows(text: str) -> list[tuple[str, str, list[float]]]:
+    """(image, where, box) for each row of a CSV boxes file; ``where`` names its line."""
+    reader = csv.DictReader(text.splitlines())
+    return [(row["image"], f"line {reader.line_num} ({quoted(row['image'])})",
+             [float(row[c]) for c in COORDINATES]) for row in reader]
+
+
+def _json_rows(text: str) -> list[tuple[str, str, list[float]]]:
+    """(image, where, box) for each box of a JSON boxes file; ``where`` names the box."""
+    return [(str(image), f"box {i} of {quoted(image)}", [float(v) for v in box])
+            for image, boxes in json.loads(text).items() for i, box in enumerate(boxes, 1)]
+
+
+def _box_problem(box: list[float]) -> str | None:
+    """Why four numbers are no box (a count other than four, a value that is not finite, no
+    area), or None."""
+    if len(box) != 4:
+        return "needs four numbers x0, y0, x1, y1"
+    bad = next((name for name, v in zip(COORDINATES, box, strict=True) if not math.isfinite(v)), None)
+    if bad:
+        return f"{bad} is not a finite number"
+    for low, high in ((0, 2), (1, 3)):
+        if box[high] <= box[low]:
+            return f"empty box, {COORDINATES[high]} must be greater than {COORDINATES[low]}"
+    return None
