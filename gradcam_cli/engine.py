@@ -99,7 +99,7 @@ class ForwardPass:
         finally:
             for h in handles:
                 h.remove()
-        return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt, strict=True)]
 
 
 @contextmanager

@@ -1,58 +1,138 @@
-"""How a layer's output becomes an NxCxhxw feature map, whatever the architecture's layout."""
+"""How a layer's output becomes an NxCxhxw feature map: its layout, decided by probe forwards.
+
+A layer output is a convolutional map (NxCxhxw), a channels-last map (NxhxwxC, Swin) or a token
+sequence (NxTxC, ViT: prefix tokens, then the patch grid row by row). The layout is never
+guessed from the shape (an 8x12 map with 8 channels fits both map layouts); it is decided by
+running the model on zeros of the input's size, once per model and input size:
+
+- a second forward at twice the input's width shows which axis follows the width: axis 3 of
+  NxCxhxw, axis 2 of NxhxwxC, axis 1 of tokens. An output where no other axis, or none at all,
+  follows it (logits, pooled features, attention windows) has no grid;
+- a token sequence lies on the grid of the last convolution before it (the patch embedding),
+  so h and w follow the input's sides; the tokens before that grid are prefix tokens (class,
+  distillation, register tokens);
+- a model that runs at one input size only (torchvision's ViT) allows no second forward: a map
+  is then taken to lie on the last convolution's grid, in whichever layout puts it in place.
+"""
 
 from __future__ import annotations
 
-import math
+import weakref
+from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from .engine import evaluating
+
+Shape = tuple[int, ...]
+Grid = tuple[int, int]
 
 
-def token_grid(tokens: int) -> tuple[int, int] | None:
-    """Return (leading extra tokens, grid side) when a token count folds into a square grid."""
-    for extra in (0, 1):
-        side = math.isqrt(tokens - extra)
-        if side > 1 and side * side == tokens - extra:
-            return extra, side
+@dataclass(frozen=True)
+class Layout:
+    """Where a layer output keeps its channels and its h x w ``grid``: ``kind`` is "nchw",
+    "nhwc" or "tokens" (NxTxC: ``prefix`` leading tokens, then the grid row by row)."""
+
+    kind: str
+    grid: Grid
+    prefix: int = 0
+
+    @property
+    def channel_axis(self) -> int:
+        """The axis of the layer output that holds its channels."""
+        return 1 if self.kind == "nchw" else -1
+
+
+def to_nchw(t: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Fold a layer output of this layout into NxCxhxw."""
+    (h, w), shape = layout.grid, tuple(t.shape)
+    if layout.kind == "tokens" and len(shape) == 3 and shape[1] == layout.prefix + h * w:
+        return t[:, layout.prefix:].transpose(1, 2).reshape(shape[0], shape[2], h, w)
+    if layout.kind == "nhwc" and len(shape) == 4 and shape[1:3] == layout.grid:
+        return t.permute(0, 3, 1, 2)
+    if layout.kind == "nchw" and len(shape) == 4 and shape[2:] == layout.grid:
+        return t
+    raise ValueError(f"a layer output of shape {shape} does not fit {layout}")
+
+
+Probe = dict[str, tuple[Shape, "Layout | None"]]
+_PROBES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Probe]] = weakref.WeakKeyDictionary()
+
+
+def probe(module: nn.Module, example: torch.Tensor) -> Probe:
+    """Each submodule's output shape and layout (None: no grid), by name, for inputs shaped like
+    ``example`` (NxCxHxW); probed once per model, input shape and set of submodules."""
+    key = (tuple(example.shape[1:]), example.dtype, example.device, tuple(map(id, module.modules())))
+    probes = _PROBES.setdefault(module, {})
+    if key not in probes:
+        probes[key] = _decide(module, example[:1])
+    return probes[key]
+
+
+def _decide(module: nn.Module, example: torch.Tensor) -> Probe:
+    """Run the model on zeros like ``example`` and at twice its width; decide every layout."""
+    seen = _shapes(module, torch.zeros_like(example))
+    wide = example.new_zeros(*example.shape[:3], 2 * example.shape[3])
+    try:
+        wider = _shapes(module, wide)
+    except Exception:  # any refusal of another size (torchvision's ViT asserts its own)
+        wider = {}
+    return {name: (shape, _layout(shape, grid, wider.get(name))) for name, (shape, grid) in seen.items()}
+
+
+def _shapes(module: nn.Module, x: torch.Tensor) -> dict[str, tuple[Shape, Grid | None]]:
+    """Each submodule's output shape at its last call, with the grid of the last convolution
+    that had finished by then."""
+    seen: dict[str, tuple[Shape, Grid | None]] = {}
+    conv: list[Grid | None] = [None]
+
+    def record(name: str, m: nn.Module):
+        def hook(_m: nn.Module, _i: object, out: object) -> None:
+            if isinstance(out, torch.Tensor):
+                if isinstance(m, nn.Conv2d) and out.dim() == 4:
+                    conv[0] = tuple(out.shape[2:])
+                seen[name] = tuple(out.shape), conv[0]
+        return hook
+
+    handles = [m.register_forward_hook(record(n, m)) for n, m in module.named_modules()]
+    try:
+        with evaluating(module), torch.no_grad():
+            module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _layout(shape: Shape, conv: Grid | None, wider: tuple[Shape, Grid | None] | None) -> Layout | None:
+    """The layout of an output of ``shape`` made after a convolution on grid ``conv``, from the
+    same at twice the input's width (``wider``; None when the model runs at one size only)."""
+    if wider is None:
+        return _on_grid(shape, conv)
+    wide_shape = wider[0]
+    follows = [i for i in range(len(shape)) if len(wide_shape) == len(shape) and shape[i] != wide_shape[i]]
+    if len(shape) == 4 and follows == [3]:
+        return Layout("nchw", shape[2:])
+    if len(shape) == 4 and follows == [2]:
+        return Layout("nhwc", shape[1:3])
+    narrow, wide = _tokens(shape, conv), _tokens(*wider)
+    if follows == [1] and narrow and wide and narrow.prefix == wide.prefix:
+        return narrow
     return None
 
 
-def is_spatial(shape: torch.Size | tuple[int, ...]) -> bool:
-    """Tell whether a layer output has a spatial grid of at least 2x2 to explain."""
-    if len(shape) == 4:
-        return min(shape[2], shape[3]) > 1 or min(shape[1], shape[2]) > 1
-    return len(shape) == 3 and token_grid(shape[1]) is not None
+def _on_grid(shape: Shape, conv: Grid | None) -> Layout | None:
+    """For a model that runs at one input size: a map on the last convolution's grid, or tokens."""
+    if len(shape) == 4 and shape[2:] == conv:
+        return Layout("nchw", conv)
+    if len(shape) == 4 and shape[1:3] == conv:
+        return Layout("nhwc", conv)
+    return _tokens(shape, conv)
 
 
-def _channels_last(t: torch.Tensor) -> bool:
-    """Tell an NxHxWxC map (Swin) from NxCxHxW: crops are square, so a square trailing pair
-    means channels-first."""
-    return t.dim() == 4 and t.shape[2] != t.shape[3] and t.shape[1] == t.shape[2]
-
-
-def channel_axis(t: torch.Tensor) -> int:
-    """The axis of a layer output that holds its channels (1, or last for tokens and Swin)."""
-    return t.dim() - 1 if t.dim() == 3 or _channels_last(t) else 1
-
-
-def grid_size(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
-    """The (h, w) of a spatial layer output's grid, whatever its layout."""
-    if len(shape) == 3:
-        side = token_grid(shape[1])[1]
-        return side, side
-    return (shape[1], shape[2]) if shape[2] != shape[3] and shape[1] == shape[2] else (shape[2], shape[3])
-
-
-def to_nchw(t: torch.Tensor) -> torch.Tensor:
-    """Fold a layer output into NxCxhxw.
-
-    Convolutional maps pass unchanged; channels-last maps (Swin) are permuted; token sequences
-    (ViT) lose their class token and are folded into the square patch grid, whose side is
-    read from the token count.
-    """
-    if t.dim() == 4:
-        return t.permute(0, 3, 1, 2) if _channels_last(t) else t
-    grid = token_grid(t.shape[1]) if t.dim() == 3 else None
-    if grid is None:
-        raise ValueError(f"a layer output of shape {tuple(t.shape)} has no spatial grid")
-    extra, side = grid
-    return t[:, extra:].transpose(1, 2).reshape(t.shape[0], t.shape[2], side, side)
+def _tokens(shape: Shape, conv: Grid | None) -> Layout | None:
+    """A token sequence NxTxC: prefix tokens, then the last convolution's grid."""
+    if len(shape) != 3 or conv is None or shape[1] < conv[0] * conv[1]:
+        return None
+    return Layout("tokens", conv, shape[1] - conv[0] * conv[1])

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .layout import to_nchw
+from .layout import Layout, to_nchw
 
 GRADIENT_METHODS = {"vanilla": "plain", "guided": "guided", "deconv": "deconv"}
 DEFAULT_METHODS = ("vanilla", "guided", "deconv", "gradcam", "guided-gradcam")
@@ -114,23 +114,23 @@ CAM_MAPS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 
 def cam(method: str, activations: torch.Tensor, gradients: torch.Tensor | None,
-        size: tuple[int, int]) -> torch.Tensor:
+        size: tuple[int, int], layout: Layout) -> torch.Tensor:
     """A gradient or eigen CAM method's map: fold the layout, apply the method, ReLU, upsample."""
-    acts = to_nchw(activations).float()
-    grads = None if gradients is None else to_nchw(gradients).float()
+    acts = to_nchw(activations, layout).float()
+    grads = None if gradients is None else to_nchw(gradients, layout).float()
     return upsample(F.relu(CAM_MAPS[method](acts, grads)), size)
 
 
 def weighted_cam(activations: torch.Tensor, weights: torch.Tensor,
-                 size: tuple[int, int]) -> torch.Tensor:
+                 size: tuple[int, int], layout: Layout) -> torch.Tensor:
     """The map of channel weights found by perturbation (Score-CAM, Ablation-CAM)."""
-    return upsample(F.relu(weighted_channels(to_nchw(activations).float(), weights)), size)
+    return upsample(F.relu(weighted_channels(to_nchw(activations, layout).float(), weights)), size)
 
 
 def gradcam(activations: torch.Tensor, gradients: torch.Tensor,
-            size: tuple[int, int]) -> torch.Tensor:
+            size: tuple[int, int], layout: Layout) -> torch.Tensor:
     """Grad-CAM: ReLU(Σ_k α_k A^k), α_k the spatial mean of dScore/dA^k, upsampled to ``size``."""
-    return cam("gradcam", activations, gradients, size)
+    return cam("gradcam", activations, gradients, size, layout)
 
 
 def guided_gradcam(guided: torch.Tensor, cam_map: torch.Tensor) -> torch.Tensor:

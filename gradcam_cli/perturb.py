@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from copy import deepcopy
 
@@ -25,7 +25,7 @@ from torch.fx.experimental.optimization import fuse
 from tqdm import tqdm
 
 from .engine import evaluating
-from .layout import channel_axis, to_nchw
+from .layout import Layout, to_nchw
 from .methods import upsample
 
 
@@ -35,14 +35,15 @@ def _chunks(indices: torch.Tensor, size: int, desc: str, progress: bool) -> Iter
     yield from tqdm(parts, desc=desc, unit="batch", leave=False, disable=not progress)
 
 
-def score_logits(fast: nn.Module, image: torch.Tensor, activations: torch.Tensor,
+def score_logits(fast: nn.Module, image: torch.Tensor, activations: torch.Tensor, layout: Layout,
                  batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-    """Logits of ``image`` (1x3xHxW) masked by each channel of ``activations``: a CxK table.
+    """Logits of ``image`` (1x3xHxW) masked by each channel of ``activations`` (of ``layout``):
+    a CxK table.
 
     ``fast`` is the model prepared once by ``inference_copy`` and reused for every image;
     masks are upsampled a batch at a time, never all at once.
     """
-    acts = to_nchw(activations)[0].float()                      # C x h x w
+    acts = to_nchw(activations, layout)[0].float()              # C x h x w
     flat = acts.flatten(1)
     varies = flat.amax(1) > flat.amin(1)                        # NaN counts as constant
     varying, constant = varies.nonzero()[:, 0], (~varies).nonzero()[:, 0]
@@ -56,7 +57,7 @@ def score_logits(fast: nn.Module, image: torch.Tensor, activations: torch.Tensor
             masks = upsample(acts[chunk], tuple(image.shape[-2:]))    # B x 1 x H x W
             low = masks.amin(dim=(2, 3), keepdim=True)
             masks = (masks - low) / (masks.amax(dim=(2, 3), keepdim=True) - low)
-            rows.update(zip(chunk.tolist(), fast(image * masks)))
+            rows.update(zip(chunk.tolist(), fast(image * masks), strict=True))
     return torch.stack([rows[c] for c in range(len(acts))]).float()
 
 
@@ -76,20 +77,22 @@ def inference_copy(module: nn.Module) -> nn.Module:
     return copy
 
 
-def ablation_logits(module: nn.Module, layer: nn.Module, image: torch.Tensor,
+def ablation_logits(module: nn.Module, layer: nn.Module, image: torch.Tensor, layout: Layout,
                     batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-    """Logits of ``image`` (1x3xHxW) with each channel of ``layer``'s output zeroed: a CxK table."""
+    """Logits of ``image`` (1x3xHxW) with each channel of ``layer``'s output (of ``layout``)
+    zeroed: a CxK table."""
+    axis = layout.channel_axis
     with torch.inference_mode(), evaluating(module):
         with replayed_prefix(module, layer, image) as (output, logits):
             if _replays_correctly(module, layer, image, output, logits):
-                return _ablate(module, layer, image, output, batch_size, progress, repeat=False)
-        return _ablate(module, layer, image, output, batch_size, progress, repeat=True)
+                return _ablate(module, layer, image, output, axis, batch_size, progress, repeat=False)
+        return _ablate(module, layer, image, output, axis, batch_size, progress, repeat=True)
 
 
-def _ablate(module: nn.Module, layer: nn.Module, image: torch.Tensor, output: torch.Tensor,
+def _ablate(module: nn.Module, layer: nn.Module, image: torch.Tensor, output: torch.Tensor, axis: int,
             batch_size: int, progress: bool, repeat: bool) -> torch.Tensor:
-    """Run the batches of ablated outputs; ``repeat`` feeds a full input per ablated copy."""
-    axis = channel_axis(output)
+    """Run the batches of outputs with channels (``axis``) zeroed; ``repeat`` feeds a full input
+    per ablated copy."""
     rows = []
     for chunk in _chunks(torch.arange(output.shape[axis]), batch_size, "ablationcam", progress):
         ablated = output.repeat_interleave(len(chunk), dim=0)
@@ -104,11 +107,25 @@ def _ablate(module: nn.Module, layer: nn.Module, image: torch.Tensor, output: to
 def _run_with_output(module: nn.Module, layer: nn.Module, image: torch.Tensor,
                      output: torch.Tensor) -> torch.Tensor:
     """Run ``module`` with ``layer`` returning ``output`` (a batch) instead of computing."""
-    layer.forward = lambda *_a, **_k: output
-    try:
+    with _forwards({layer: lambda *_a, **_k: output}):
         return module(image)
+
+
+@contextmanager
+def _forwards(replacements: dict[nn.Module, Callable[..., torch.Tensor]]) -> Iterator[None]:
+    """Give modules these instance ``forward``s, then put back exactly what each had before
+    (its own instance ``forward``, the very same object, or none)."""
+    own = {m: vars(m)["forward"] for m in replacements if "forward" in vars(m)}
+    for m, forward in replacements.items():
+        vars(m)["forward"] = forward
+    try:
+        yield
     finally:
-        del layer.forward
+        for m in replacements:
+            if m in own:
+                vars(m)["forward"] = own[m]
+            else:
+                del vars(m)["forward"]
 
 
 def _replays_correctly(module: nn.Module, layer: nn.Module, image: torch.Tensor,
@@ -157,11 +174,6 @@ def replayed_prefix(module: nn.Module, layer: nn.Module,
     finally:
         for h in handles:
             h.remove()
-    replay = [m for m in recorded if calls[m] == 1]
-    for m in replay:
-        m.forward = lambda *_a, _out=recorded[m], **_k: _out.clone()
-    try:
+    replay = {m: lambda *_a, _out=out, **_k: _out.clone() for m, out in recorded.items() if calls[m] == 1}
+    with _forwards(replay):
         yield seen["output"], logits
-    finally:
-        for m in replay:
-            del m.forward

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradcam_cli import explain
+from gradcam_cli.layout import Layout
 from gradcam_cli.methods import cam, eigencam_map, gradcam, upsample
 
 
@@ -77,22 +78,24 @@ def test_gradcam_is_relu_of_weighted_sum_and_upsampled() -> None:
     acts = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[4.0, 3.0], [2.0, 1.0]]]])
     grads = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]], [[-2.0, -2.0], [-2.0, -2.0]]]])
     # α = (1, -2): 1·A0 - 2·A1 = [[-7, -4], [-1, 2]] → relu → [[0, 0], [0, 2]]
-    cam = gradcam(acts, grads, (2, 2))
+    cam = gradcam(acts, grads, (2, 2), Layout("nchw", (2, 2)))
     assert cam[0, 0].tolist() == [[0.0, 0.0], [0.0, 2.0]]
-    big = gradcam(acts, grads, (4, 4))
+    big = gradcam(acts, grads, (4, 4), Layout("nchw", (2, 2)))
     assert big.shape == (1, 1, 4, 4)
     assert torch.allclose(big, upsample(cam[:, 0], (4, 4)))
     assert big[0, 0, -1, -1] == 2.0 and big[0, 0, 0, 0] == 0.0
 
 
-def test_gradcam_folds_vit_tokens_and_channels_last() -> None:
-    grid = torch.rand(1, 5, 3, 3)
-    grads = torch.rand(1, 5, 3, 3) - 0.3
-    expected = gradcam(grid, grads, (6, 6))
-    tokens = torch.cat([torch.rand(1, 1, 5), grid.flatten(2).transpose(1, 2)], dim=1)
-    token_grads = torch.cat([torch.rand(1, 1, 5), grads.flatten(2).transpose(1, 2)], dim=1)
-    assert torch.allclose(gradcam(tokens, token_grads, (6, 6)), expected)
-    nhwc = gradcam(grid.permute(0, 2, 3, 1), grads.permute(0, 2, 3, 1), (6, 6))
+def test_gradcam_folds_tokens_and_channels_last_by_their_layout() -> None:
+    grid = torch.rand(1, 5, 3, 4)
+    grads = torch.rand(1, 5, 3, 4) - 0.3
+    expected = gradcam(grid, grads, (6, 8), Layout("nchw", (3, 4)))
+    assert expected.max() > 0
+    # Two prefix tokens (e.g. class and distillation), then the 3x4 grid row by row.
+    tokens = torch.cat([torch.rand(1, 2, 5), grid.flatten(2).transpose(1, 2)], dim=1)
+    token_grads = torch.cat([torch.rand(1, 2, 5), grads.flatten(2).transpose(1, 2)], dim=1)
+    assert torch.allclose(gradcam(tokens, token_grads, (6, 8), Layout("tokens", (3, 4), 2)), expected)
+    nhwc = gradcam(grid.permute(0, 2, 3, 1), grads.permute(0, 2, 3, 1), (6, 8), Layout("nhwc", (3, 4)))
     assert torch.allclose(nhwc, expected)
 
 
@@ -125,6 +128,19 @@ def test_cam_family_on_tiny_network_matches_hand_computation(method: str) -> Non
     assert torch.allclose(result.maps[method][0, 0, 0], FAMILY[method], atol=1e-6)
 
 
+# Above, Layer-CAM and HiResCAM give the same map (no negative gradient meets a positive
+# activation there). With the conv's second weight 0.5 instead of -1, layer "relu" holds
+# R0 = relu(x) = [[1, 0], [3, 0]] and R1 = 0.5·relu(x); dL1/dR0 = 3/4 and dL1/dR1 = -1/4 everywhere:
+# HiResCAM: 0.75·R0 - 0.25·R1 = 0.625·relu(x); Layer-CAM: relu(0.75)·R0 + relu(-0.25)·R1 = 0.75·relu(x).
+@pytest.mark.parametrize(("method", "factor"), [("hirescam", 0.625), ("layercam", 0.75)])
+def test_layercam_and_hirescam_differ_where_a_gradient_is_negative(method: str, factor: float) -> None:
+    net = Tiny()
+    with torch.no_grad():
+        net.conv.weight[1] = 0.5
+    result = explain(net, X, "relu", class_ids=[1], methods=[method])
+    assert torch.allclose(result.maps[method][0, 0, 0], factor * RELU_X)
+
+
 def test_eigencam_sign_follows_the_total_activation() -> None:
     # Positions x channels: three at (0, 0) and one at (4, 2); centred, the first principal
     # direction is ±(2, 1)/√5, and the last position projects to ±7.5/√5, the others ∓2.5/√5.
@@ -140,6 +156,6 @@ def test_gradient_cams_agree_when_the_gradient_is_spatially_constant() -> None:
     """After global average pooling and a linear head, G^k is constant over positions, and
     Grad-CAM, XGrad-CAM and HiResCAM reduce to the same map (Draelos & Carin 2020)."""
     acts, grads = torch.rand(2, 4, 3, 3), torch.randn(2, 4, 1, 1).expand(2, 4, 3, 3)
-    expected = cam("gradcam", acts, grads, (3, 3))
+    expected = cam("gradcam", acts, grads, (3, 3), Layout("nchw", (3, 3)))
     for method in ("xgradcam", "hirescam"):
-        assert torch.allclose(cam(method, acts, grads, (3, 3)), expected, atol=1e-6)
+        assert torch.allclose(cam(method, acts, grads, (3, 3), Layout("nchw", (3, 3))), expected, atol=1e-6)

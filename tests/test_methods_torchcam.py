@@ -12,10 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from torchcam import methods
 
 from gradcam_cli import explain
-
-methods = pytest.importorskip("torchcam.methods")
 
 TOLERANCE = 1e-4
 KINDS = {"gradcam": methods.GradCAM, "gradcam++": methods.GradCAMpp, "xgradcam": methods.XGradCAM,

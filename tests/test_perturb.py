@@ -6,6 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
+from gradcam_cli.layout import Layout
 from gradcam_cli.models import find_layer
 from gradcam_cli.perturb import ablation_logits, inference_copy, score_logits
 
@@ -39,7 +40,8 @@ def test_ablation_inside_a_residual_block_equals_one_pass_per_channel() -> None:
     model, image = small_resnet(), torch.randn(1, 3, 64, 64)
     layer = find_layer(model, "layer3.1.bn2")
     expected = brute_ablation(model, layer, image, 256)
-    assert torch.allclose(ablation_logits(model, layer, image, batch_size=48), expected, atol=1e-5)
+    table = ablation_logits(model, layer, image, Layout("nchw", (4, 4)), batch_size=48)
+    assert torch.allclose(table, expected, atol=1e-5)
 
 
 def test_ablation_runs_the_layers_before_the_target_once() -> None:
@@ -52,7 +54,7 @@ def test_ablation_runs_the_layers_before_the_target_once() -> None:
         return hook
     model.layer3[1].conv2.register_forward_hook(count("stem"))  # deep inside the part before
     model.fc.register_forward_hook(count("head"))
-    table = ablation_logits(model, model.layer4, image, batch_size=64)
+    table = ablation_logits(model, model.layer4, image, Layout("nchw", (2, 2)), batch_size=64)
     assert table.shape == (512, 10)
     assert calls["stem"] == 1                 # computed once; layer3 replays its output
     assert calls["head"] == 1 + 1 + 512 // 64  # recording, the replay check, the batches
@@ -75,8 +77,8 @@ class BatchFromPrefix(nn.Module):
 def test_ablation_falls_back_to_full_passes_when_replay_fails() -> None:
     model, image = BatchFromPrefix().eval(), torch.randn(1, 3, 8, 8)
     expected = brute_ablation(model, model.target, image, 6)
-    assert torch.allclose(ablation_logits(model, model.target, image, batch_size=4), expected,
-                          atol=1e-6)
+    table = ablation_logits(model, model.target, image, Layout("nchw", (8, 8)), batch_size=4)
+    assert torch.allclose(table, expected, atol=1e-6)
 
 
 def test_score_logits_equal_masked_passes_and_share_constant_channels() -> None:
@@ -94,7 +96,7 @@ def test_score_logits_equal_masked_passes_and_share_constant_channels() -> None:
     passes = []
     fast = inference_copy(model)
     fast.register_forward_hook(lambda _m, i, _o: passes.append(len(i[0])))
-    table = score_logits(fast, image, acts, batch_size=2)
+    table = score_logits(fast, image, acts, Layout("nchw", (4, 4)), batch_size=2)
     assert torch.allclose(table, torch.stack(expected), atol=1e-6)
     assert passes == [1, 2]  # the constant channel's blank input once, then channels 0 and 1
 
