@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager, redirect_stdout
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from tqdm import tqdm
 
 from . import __version__
 from .choices import BASELINES, PROXY_KINDS, SIMILARITIES
-from .errors import ArgumentError, GradcamError, UsageError, quoted, unknown
+from .cleanup import remove_temporaries
+from .errors import ArgumentError, GradcamError, UsageError, quoted
 from .inputs import BadInput, expand, parse_shard, read_image_list
 from .inputs import shard as select
 
@@ -29,18 +29,97 @@ if TYPE_CHECKING:  # the library is imported inside each command, so `--help` st
 
 EXIT_CODES = """Exit codes: 0 every image done (or skipped); 1 at least one image failed, or an
 output could not be written; 2 usage error (bad option, unknown architecture, weights or layer),
-found before any image is processed; 130 interrupted by Ctrl-C."""
+found before any image is processed; 130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM: the
+batches under way are finished and summed up first (a second signal stops at once)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised where the program is, with the exit code 128 + signal number."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        self.signal = signal.Signals(signum)
+        super().__init__(self.signal.name)
+        self.exit_code = 128 + self.signal
+
+
+class OneLine(click.ClickException):
+    """A failure as click's main reports it: one line on stderr, and an exit code."""
+
+    def __init__(self, line: str, exit_code: int) -> None:
+        super().__init__(line)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        """Print the line alone (no usage block)."""
+        click.echo(self.message, err=True)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """The tool's errors, click's usage errors and interrupts as one line and an exit code."""
+    try:
+        yield
+    except GradcamError as exc:
+        raise OneLine(f"gradcam: error: {flag_message(exc)}", exc.exit_code) from exc
+    except click.exceptions.NoArgsIsHelpError:  # `gradcam` alone: click prints the help
+        raise
+    except click.UsageError as exc:  # missing, bad or unknown option, no such command
+        raise OneLine(f"gradcam: error: {exc.format_message()}", exc.exit_code) from exc
+    except KeyboardInterrupt as exc:
+        stop = exc if isinstance(exc, Interrupted) else Interrupted()
+        raise OneLine(f"gradcam: interrupted by {stop.signal.name}", stop.exit_code) from exc
+
+
+@contextmanager
+def handling(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """Let ``handler`` take SIGINT and SIGTERM (not when ignored, as in background jobs), then
+    restore the previous handlers."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s, old in previous.items():
+        if old is not signal.SIG_IGN:
+            signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    """Outside a run's loop, a stop signal unwinds like Ctrl-C (files are written atomically)."""
+    raise Interrupted(signum)
 
 
 class Group(click.Group):
-    """A command group that prints a GradcamError as one line and exits with its code."""
+    """A command group whose every failure is one line on stderr with its exit code."""
 
-    def invoke(self, ctx: click.Context) -> object:
-        try:
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Run as the `gradcam` command: SIGTERM, like Ctrl-C, stops with one line."""
+        with handling(_raise_interrupted):
+            return super().main(*args, **kwargs)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        """Parse the group's own options (`gradcam --bogus` is one line too)."""
+        with one_line_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the subcommand, its option parsing included."""
+        with one_line_errors():
             return super().invoke(ctx)
-        except GradcamError as exc:
-            click.echo(f"gradcam: error: {flag_message(exc)}", err=True)
-            ctx.exit(exc.exit_code)
+
+
+class EmbedGroup(Group):
+    """`embed`: its own options explain queries; `embed build-proxies …` has options of its own."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Before a subcommand the group's required options (--arch) are not asked for."""
+        resilient = ctx.resilient_parsing
+        ctx.resilient_parsing = resilient or bool(args and args[0] in self.commands)
+        try:
+            return super().parse_args(ctx, args)
+        finally:
+            ctx.resilient_parsing = resilient
 
 
 FLAGS = {  # library argument -> the option that sets it
@@ -71,14 +150,13 @@ def pick_device(cuda: bool | None) -> torch.device:
     return torch.device("cuda" if (available if cuda is None else cuda) else "cpu")
 
 
-def split_methods(values: tuple[str, ...]) -> tuple[str, ...]:
-    """Accept --method repeated or comma-separated; refuse unknown names with a suggestion."""
-    from .methods import METHODS
-    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
-    for name in names:
-        if name not in METHODS:
-            raise unknown("methods", name, METHODS, "method")
-    return tuple(dict.fromkeys(names))
+def split_methods(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """--method repeated or comma-separated, checked by the library's one check while the options
+    are parsed (as click.Choice checks the others), so a typo is refused before a model loads."""
+    from .explanation import check_methods
+    names = tuple(dict.fromkeys(n.strip() for v in values for n in v.split(",") if n.strip()))
+    check_methods(names)
+    return names
 
 
 def option_group(*options: Callable[[Callable], Callable]) -> Callable[[Callable], Callable]:
@@ -90,20 +168,30 @@ def option_group(*options: Callable[[Callable], Callable]) -> Callable[[Callable
     return apply
 
 
+arch_option = click.option("--arch", required=True, metavar="NAME",
+                           help="A torchvision classifier, e.g. resnet152 (see torchvision.models).")
+weights_option = click.option("--weights", default="DEFAULT", show_default=True,
+                              help="DEFAULT, a weights name (IMAGENET1K_V2), none (random), "
+                                   "or a .pt/.pth/.safetensors checkpoint path.")
+unsafe_option = click.option("--unsafe-load", is_flag=True,
+                             help="Allow a checkpoint that holds pickled Python objects (can run code).")
+cuda_option = click.option("--cuda/--no-cuda", default=None, help="Run on CUDA (default: when available).")
+
 model_options = option_group(
-    click.option("--arch", required=True, metavar="NAME",
-                 help="A torchvision classifier, e.g. resnet152 (see torchvision.models)."),
-    click.option("--weights", default="DEFAULT", show_default=True,
-                 help="DEFAULT, a weights name (IMAGENET1K_V2), none (random), "
-                      "or a .pt/.pth/.safetensors checkpoint path."),
+    arch_option, weights_option,
     click.option("--num-classes", type=click.IntRange(min=1),
                  help="Classes of a checkpoint's head when not ImageNet's 1000."),
     click.option("--labels", type=click.Path(dir_okay=False),
                  help="Class names, one per line, for a checkpoint's head."),
-    click.option("--unsafe-load", is_flag=True,
-                 help="Allow a checkpoint that holds pickled Python objects (can run code)."),
-    click.option("--cuda/--no-cuda", default=None,
-                 help="Run on CUDA (default: when available)."),
+    unsafe_option, cuda_option,
+)
+
+embedder_options = option_group(
+    arch_option, weights_option,
+    click.option("--embedding-dim", type=click.IntRange(min=1), metavar="D",
+                 help="Replace the head by a linear map to D dimensions (loaded from --weights); "
+                      "default: the penultimate features are the embedding."),
+    unsafe_option, cuda_option,
 )
 
 
@@ -113,6 +201,10 @@ def main() -> None:
     """Show why a vision network decided what it did."""
 
 
+batch_size_option = click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+                                 help="Images per forward pass; also perturbed copies per pass for "
+                                      "Score-CAM and Ablation-CAM.")
+
 image_options = option_group(
     click.option("--image-path", "images", multiple=True, metavar="PATH",
                  help="An image, a folder (searched recursively) or a glob; repeatable."),
@@ -120,9 +212,7 @@ image_options = option_group(
                  help="Read image paths, one per line, from FILE (- for stdin)."),
     click.option("--output-dir", default="results", show_default=True, type=click.Path(),
                  help="Folder for the PNGs and JSON summaries."),
-    click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
-                 help="Images per forward pass; also perturbed copies per pass for "
-                      "Score-CAM and Ablation-CAM."),
+    batch_size_option,
     click.option("--shard", metavar="I/N",
                  help="Process only the I-th of N disjoint parts of the inputs."),
     click.option("--json", "as_json", is_flag=True,
@@ -135,6 +225,14 @@ image_options = option_group(
 skip_option = click.option(
     "--skip-existing", is_flag=True,
     help="Skip images whose outputs are all present (resume an interrupted run).")
+
+layer_option = click.option("--layer", help="Target layer for the CAM maps, dotted (layer4, features.28); "
+                                            "default: the architecture's last spatial block.")
+
+method_option = click.option(
+    "--method", "methods", multiple=True, callback=split_methods,
+    help="Maps to compute, comma-separated or repeated (default: the five `gradcam methods` marks); "
+         "`gradcam methods` lists them.")
 
 
 def class_options(topk: int) -> Callable[[Callable], Callable]:
@@ -152,11 +250,8 @@ def class_options(topk: int) -> Callable[[Callable], Callable]:
 @image_options
 @skip_option
 @class_options(topk=3)
-@click.option("--layer", help="Target layer for the CAM maps, dotted (layer4, features.28); "
-                              "default: the architecture's last spatial block.")
-@click.option("--method", "methods", multiple=True, callback=lambda _c, _p, v: split_methods(v),
-              help="Maps to compute, comma-separated or repeated (default: the five of "
-                   "`classify`); `gradcam methods` lists them.")
+@layer_option
+@method_option
 def classify(arch: str, weights: str, num_classes: int | None, labels: str | None,
              unsafe_load: bool, cuda: bool | None, layer: str | None, methods: tuple[str, ...],
              topk: int, class_ids: tuple[int, ...], **options: object) -> None:
@@ -185,7 +280,7 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
 @click.option("--layers", "layers", metavar="A,B,…",
               help="Layers to compare, comma-separated (default: the stages that "
                    "`gradcam layers` marks).")
-@click.option("--method", "methods", multiple=True, callback=lambda _c, _p, v: split_methods(v),
+@click.option("--method", "methods", multiple=True, callback=split_methods,
               help="CAM methods to compute, comma-separated or repeated (default: gradcam).")
 def compare_layers(arch: str, weights: str, num_classes: int | None, labels: str | None,
                    unsafe_load: bool, cuda: bool | None, layers: str | None,
@@ -212,10 +307,8 @@ def compare_layers(arch: str, weights: str, num_classes: int | None, labels: str
 @image_options
 @skip_option
 @class_options(topk=1)
-@click.option("--layer", help="Target layer for the CAM maps (default: as for classify).")
-@click.option("--method", "methods", multiple=True, callback=lambda _c, _p, v: split_methods(v),
-              help="Maps to evaluate, comma-separated or repeated (default: the five of "
-                   "`classify`).")
+@layer_option
+@method_option
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1),
               help="Steps of the deletion and insertion curves (each removes 1/steps of the pixels).")
 @click.option("--baseline", type=click.Choice(BASELINES), default="blur", show_default=True,
@@ -265,7 +358,7 @@ def evaluate(arch: str, weights: str, num_classes: int | None, labels: str | Non
 
 def _print_evaluated(record: dict) -> None:
     """One line per explained class and method of an evaluated image."""
-    click.echo(f"{record['image']}  ({record['arch']} @ {record['layer']})")
+    click.echo(f"{quoted(record['image'])}  ({record['arch']} @ {record['layer']})")
     for c in record["classes"]:
         for method, m in c["metrics"].items():
             click.echo(f"  {c['rank']:>2} {c['name'][:20]:<20} {method:<15} deletion "
@@ -273,16 +366,8 @@ def _print_evaluated(record: dict) -> None:
                        f"{m['confidence_drop']:5.1f}%")
 
 
-@main.group(cls=Group, invoke_without_command=True, epilog=EXIT_CODES)
-@click.option("--arch", metavar="NAME", help="A torchvision classifier used as embedding network.")
-@click.option("--weights", default="DEFAULT", show_default=True,
-              help="As for classify; with --embedding-dim, the trained network's checkpoint.")
-@click.option("--embedding-dim", type=click.IntRange(min=1), metavar="D",
-              help="Replace the head by a linear map to D dimensions (loaded from --weights); "
-                   "default: the penultimate features are the embedding.")
-@click.option("--unsafe-load", is_flag=True,
-              help="Allow a checkpoint that holds pickled Python objects (can run code).")
-@click.option("--cuda/--no-cuda", default=None, help="Run on CUDA (default: when available).")
+@main.group(cls=EmbedGroup, invoke_without_command=True, epilog=EXIT_CODES)
+@embedder_options
 @image_options
 @skip_option
 @click.option("--reference", "references", multiple=True, metavar="IMAGE",
@@ -295,17 +380,17 @@ def _print_evaluated(record: dict) -> None:
               show_default=True, help="Class proxy: normalised mean, or the most typical exemplar.")
 @click.option("--similarity", type=click.Choice(SIMILARITIES), default="dot", show_default=True,
               help="The explained score: y·p (as in the paper) or cos(y, p).")
-@click.option("--topk", default=3, show_default=True, type=click.IntRange(min=1),
-              help="Explain each query's k most similar class proxies.")
-@click.option("--layer", help="Target layer for the CAM maps (default: as for classify).")
+@click.option("--topk", type=click.IntRange(min=1),
+              help="Explain each query's k most similar class proxies (default 3) or references "
+                   "(default: all).")
+@layer_option
 @click.option("--layers", metavar="A,B,…", help="Several layers, comma-separated: rows per layer.")
-@click.option("--method", "methods", multiple=True, callback=lambda _c, _p, v: split_methods(v),
-              help="Maps to compute (default: the five of `classify`).")
+@method_option
 @click.pass_context
-def embed(ctx: click.Context, arch: str | None, weights: str, embedding_dim: int | None,
+def embed(ctx: click.Context, arch: str, weights: str, embedding_dim: int | None,
           unsafe_load: bool, cuda: bool | None, references: tuple[str, ...],
           proxy_dir: str | None, proxy_file: str | None, proxy_kind: str, similarity: str,
-          topk: int, layer: str | None, layers: str | None, methods: tuple[str, ...],
+          topk: int | None, layer: str | None, layers: str | None, methods: tuple[str, ...],
           **options: object) -> None:
     """Explain an embedding network: which regions make a query similar to a reference
     image or to a class proxy (Grad-CAM for embeddings, arXiv 2402.00909)."""
@@ -316,8 +401,6 @@ def embed(ctx: click.Context, arch: str | None, weights: str, embedding_dim: int
 
     if ctx.invoked_subcommand:
         return
-    if not arch:
-        raise UsageError("--arch is required")
     if sum(map(bool, (references, proxy_dir, proxy_file))) != 1:
         raise UsageError("give exactly one of --reference IMAGE, --proxies DIR or --proxy-file FILE")
     if references:  # the references are explained against the queries too
@@ -330,11 +413,11 @@ def embed(ctx: click.Context, arch: str | None, weights: str, embedding_dim: int
             queries = [i for i in items
                        if not isinstance(i, BadInput) and str(Path(i).resolve()) not in refs]
             candidates = Candidates.pairs(model, queries, list(references), options["batch_size"])
-            k = len(candidates.names)
+            k = topk or len(candidates.names)
         else:
-            exemplars = (Exemplars.load(Path(proxy_file), arch) if proxy_file else
-                         read_exemplars(model, Path(proxy_dir), options["batch_size"]))
-            candidates, k = Candidates.from_exemplars(exemplars, proxy_kind), topk
+            exemplars = (Exemplars.load(proxy_file, model) if proxy_file else
+                         read_exemplars(model, proxy_dir, options["batch_size"]))
+            candidates, k = Candidates.from_exemplars(exemplars, proxy_kind), topk or 3
         return partial(embed_images, candidates=candidates, layer=layer, layers=names, topk=k,
                        methods=methods or DEFAULT_METHODS, similarity=similarity)
     load = partial(load_embedder, arch, weights, embedding_dim, unsafe_load, pick_device(cuda))
@@ -344,21 +427,21 @@ def embed(ctx: click.Context, arch: str | None, weights: str, embedding_dim: int
 @embed.command("build-proxies")
 @click.argument("folder", type=click.Path())
 @click.option("--output", required=True, type=click.Path(), help="File to write (.pt).")
-@click.option("--arch", required=True, metavar="NAME", help="The embedding network, as for embed.")
-@click.option("--weights", default="DEFAULT", show_default=True, help="As for embed.")
-@click.option("--embedding-dim", type=click.IntRange(min=1), metavar="D", help="As for embed.")
-@click.option("--unsafe-load", is_flag=True, help="As for embed.")
-@click.option("--cuda/--no-cuda", default=None, help="Run on CUDA (default: when available).")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@embedder_options
+@batch_size_option
 def build_proxies(folder: str, output: str, arch: str, weights: str, embedding_dim: int | None,
                   unsafe_load: bool, cuda: bool | None, batch_size: int) -> None:
     """Embed a folder of exemplars (one sub-folder per class) once, for --proxy-file."""
     from .models import load_embedder
     from .proxies import read_exemplars
 
-    model = load_embedder(arch, weights, embedding_dim, unsafe_load, pick_device(cuda))
-    exemplars = read_exemplars(model, Path(folder), batch_size)
-    exemplars.save(Path(output), arch, model.weights)
+    with redirect_stdout(sys.stderr):  # torch announces weight downloads on stdout
+        model = load_embedder(arch, weights, embedding_dim, unsafe_load, pick_device(cuda))
+    try:
+        exemplars = read_exemplars(model, folder, batch_size)
+    except ArgumentError as exc:  # FOLDER is positional: no --proxies to name
+        raise UsageError(f"{quoted(exc.value)}: {exc.problem}") from exc
+    exemplars.save(Path(output), model)
     click.echo(f"gradcam: {len(exemplars.paths)} exemplars of {len(exemplars.names)} classes "
                f"-> {output}", err=True)
 
@@ -374,68 +457,119 @@ def run_images(load: Callable[[], LoadedModel],
 
     ``start`` checks the command's own options against the model and the inputs and returns
     the pipeline; ``report`` prints a finished image (default: its classes), ``finish`` gets
-    every record at the end (evaluate's averaged table).
+    every record at the end (evaluate's averaged table). Temporary files that killed runs left
+    in ``output_dir`` are removed before the pipeline starts.
     """
-    from .io import json_text
-
     paths = [*images, *(read_image_list(image_list) if image_list else [])]
     if not paths:
         raise UsageError("no images: give --image-path PATH or --image-list FILE")
-    part = parse_shard(shard)
-    items = select(expand(paths), part)
-    model = load()
+    items = select(expand(paths), parse_shard(shard))
+    with redirect_stdout(sys.stderr):  # torch announces weight downloads on stdout: records only there
+        model = load()
     pipeline = start(model, items)
+    _remove_temporaries(output_dir)
     show = sys.stderr.isatty() if progress is None else progress
-    counts = Counter()
-    records = []
-    began = time.perf_counter()
-    with stop_on_interrupt() as stopped, tqdm(total=len(items), unit="img", disable=not show,
-                                              file=sys.stderr) as bar:
-        for record in pipeline(model, items, output_dir=output_dir, batch_size=batch_size,
-                               stop=stopped, progress=show, **pipeline_options):
-            counts[record["status"]] += 1
-            if finish:
-                records.append(record)
-            bar.update()
-            if record["status"] == "error":
-                click.echo(f"gradcam: error: {record['error']}", err=True)
-            if as_json:
-                click.echo(json_text(record))
-            elif record["status"] == "ok":
-                (report or _print_table)(record)
-    if finish:
+    counts, records, began = Counter(), [], time.perf_counter()
+    failure: GradcamError | None = None
+
+    def handle(record: dict) -> None:
+        counts[record["status"]] += 1
+        records.extend([record] if finish else [])
+        bar.update()
+        _print_record(record, as_json, report or _print_table)
+    with stop_on_interrupt() as stop, tqdm(total=len(items), unit="img", disable=not show,
+                                           file=sys.stderr) as bar:
+        try:
+            every_record(pipeline(model, items, output_dir=output_dir, batch_size=batch_size,
+                                  stop=stop, progress=show, **pipeline_options), handle)
+        except UsageError:  # found before any image was written: its one line only
+            raise
+        except GradcamError as exc:  # an output that cannot be written: said after the summary
+            failure = exc
+    if finish and failure is None:
         finish(model, records, as_json)
+    interrupted = f", interrupted by {stop.first.signal.name}" if stop() else ""
     click.echo(f"gradcam: {counts['ok']} done, {counts['skipped']} skipped, {counts['error']} failed"
-               f"{', interrupted' if stopped() else ''} in {time.perf_counter() - began:.1f} s", err=True)
-    raise SystemExit(130 if stopped() else 1 if counts["error"] else 0)
+               f"{interrupted} in {time.perf_counter() - began:.1f} s", err=True)
+    if failure is not None:
+        raise failure
+    raise SystemExit(stop.first.exit_code if stop() else 1 if counts["error"] else 0)
+
+
+def every_record(records: Generator[dict, None, None], handle: Callable[[dict], None]) -> None:
+    """Handle every record; when a second signal or an output error strikes while a record is
+    being handled, pass it into the runner, which still reports every image whose files are
+    complete before the abort goes on."""
+    try:
+        for record in records:
+            handle(record)
+    except (Interrupted, GradcamError) as exc:
+        try:  # a finished generator raises ``exc`` again at once
+            record = records.throw(exc)
+            while True:
+                handle(record)
+                record = next(records)
+        except (Interrupted, GradcamError, StopIteration):
+            pass
+        raise exc from None
+
+
+def _remove_temporaries(output_dir: str) -> None:
+    """Remove the temporary files killed runs left in the output folder, saying how many."""
+    removed = remove_temporaries(output_dir)
+    if removed:
+        click.echo(f"gradcam: removed {removed} temporary file{'s' * (removed > 1)} left by an "
+                   "interrupted run", err=True)
+
+
+def _print_record(record: dict, as_json: bool, report: Callable[[dict], None]) -> None:
+    """A finished image: its error on stderr; its JSON line, or ``report`` of it, on stdout."""
+    from .io import json_text
+
+    if record["status"] == "error":
+        click.echo(f"gradcam: error: {record['error']}", err=True)
+    if as_json:
+        click.echo(json_text(record))
+    elif record["status"] == "ok":
+        report(record)
+
+
+class Stop:
+    """The first SIGINT or SIGTERM of a run, asked for between batches."""
+
+    def __init__(self) -> None:
+        self.first: Interrupted | None = None
+
+    def __call__(self) -> bool:
+        """Whether to finish the batches under way and start no other."""
+        return self.first is not None
+
+    def receive(self, signum: int, _frame: Any) -> None:
+        """The signal handler: note the first signal; raise at the second, to stop at once."""
+        if self.first is not None:
+            raise Interrupted(signum)
+        self.first = Interrupted(signum)
 
 
 @contextmanager
-def stop_on_interrupt() -> Iterator[Callable[[], bool]]:
-    """Turn Ctrl-C into a flag checked between batches; a second Ctrl-C stops at once.
+def stop_on_interrupt() -> Iterator[Stop]:
+    """Turn the first Ctrl-C (SIGINT) or SIGTERM (what job schedulers send) into a flag the
+    pipeline asks between batches; a second signal stops at once.
 
     Either way no file is left half-written (every write is a rename of a complete file).
     """
-    flag = threading.Event()
-
-    def interrupt(*_: object) -> None:
-        if flag.is_set():
-            raise KeyboardInterrupt
-        flag.set()
-
-    previous = signal.signal(signal.SIGINT, interrupt)
-    try:
-        yield flag.is_set
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    stop = Stop()
+    with handling(stop.receive):
+        try:
+            yield stop
+        except Interrupted:  # the second signal
+            pass
 
 
 def _print_table(record: dict) -> None:
     """Print an image's explained classes as a short table."""
     where = ", ".join(record["layers"]) if "layers" in record else record["layer"]
-    click.echo(f"{record['image']}  ({record['arch']} @ {where})")
+    click.echo(f"{quoted(record['image'])}  ({record['arch']} @ {where})")
     for c in record["classes"]:
         value = c.get("probability", c.get("similarity"))
         click.echo(f"  {c['rank']:>2}  {value:8.4f}  {c['class_id']:>5}  {c['name']}")
@@ -443,12 +577,13 @@ def _print_table(record: dict) -> None:
 
 
 @main.command()
-@click.option("--arch", required=True, metavar="NAME", help="A torchvision classifier.")
+@arch_option
 def layers(arch: str) -> None:
     """List the layers with a spatial output (candidate targets) and their shapes."""
     from .models import default_layer, load_model, spatial_layers, stage_layers
 
-    model = load_model(arch, "none")
+    with redirect_stdout(sys.stderr):  # stdout carries the listing only
+        model = load_model(arch, "none")
     size = model.preprocess.crop
     default = default_layer(arch, model.module, size)
     stages = stage_layers(arch, model.module, size)

@@ -2,8 +2,8 @@
 
 The library speaks Python: a bad argument of a library call raises ``ArgumentError`` (a
 ``ValueError``) or ``ArgumentTypeError`` (a ``TypeError``) naming the Python argument, e.g.
-``class_ids=[5000]: 5000 is outside 0..999``. The command line speaks flags: ``cli.py`` turns the
-same error into ``--class-id 5000: 5000 is outside 0..999`` and exit code 2.
+``class_ids=5000: outside 0..999``. The command line speaks flags: ``cli.py`` turns the same
+error into ``--class-id 5000: outside 0..999`` and exit code 2.
 """
 
 from __future__ import annotations
@@ -40,10 +40,17 @@ class InputError(GradcamError):
     """One input image could not be used; the others still run (exit code 1)."""
 
 
+LISTED = 12  # an unknown name with no close match lists the known ones when there are this few
+
+
 def unknown(argument: str, name: str, known: Iterable[str], kind: str = "") -> ArgumentError:
-    """Refuse an unknown name, suggesting the closest known ones."""
-    close = difflib.get_close_matches(name, list(known), n=5, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    """Refuse an unknown name, suggesting the closest known ones (or all, when they are few)."""
+    known = list(known)
+    close = difflib.get_close_matches(str(name), known, n=5, cutoff=0.5)
+    if close:
+        hint = f"; did you mean {', '.join(close)}?"
+    else:
+        hint = f"; choose from {', '.join(known)}" if len(known) <= LISTED else ""
     return ArgumentError(argument, name, f"unknown {kind or argument}{hint}")
 
 

@@ -13,6 +13,7 @@ import torch
 from torchvision.transforms import functional as TF
 
 from .choices import BASELINES
+from .errors import unknown
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # Bx3xHxW inputs -> B scores of one class
 BLUR_KERNEL, BLUR_SIGMA = 11, 5.0  # RISE's insertion substrate
@@ -25,16 +26,17 @@ def saliency_of(values: torch.Tensor) -> torch.Tensor:
     return values[0].clamp(min=0) if values.shape[0] == 1 else values.abs().amax(dim=0)
 
 
-def baseline_of(image: torch.Tensor, kind: str) -> torch.Tensor:
-    """What removed pixels become, in the model's input space: a blurred copy of the image,
-    its per-channel mean colour, or zero (the normalisation's mean colour)."""
-    if kind == "blur":
+def baseline_of(image: torch.Tensor, baseline: str) -> torch.Tensor:
+    """What removed pixels become, in the model's input space: a blurred copy of the image
+    ("blur"), its per-channel mean colour ("mean"), or zero ("zero", the normalisation's mean
+    colour)."""
+    if baseline == "blur":
         return TF.gaussian_blur(image, [BLUR_KERNEL, BLUR_KERNEL], [BLUR_SIGMA, BLUR_SIGMA])
-    if kind == "mean":
+    if baseline == "mean":
         return image.mean(dim=(-2, -1), keepdim=True).expand_as(image).clone()
-    if kind == "zero":
+    if baseline == "zero":
         return torch.zeros_like(image)
-    raise ValueError(f"unknown baseline {kind!r}; choose from {', '.join(BASELINES)}")
+    raise unknown("baseline", baseline, BASELINES)
 
 
 def perturbation_curve(score: Scorer, image: torch.Tensor, saliency: torch.Tensor,

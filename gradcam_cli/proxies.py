@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .choices import PROXY_KINDS
-from .errors import InputError, UsageError
+from .errors import ArgumentError, InputError, UsageError, unknown
 from .inputs import BadInput, expand
 from .io import atomic_write, load_image
 from .models import LoadedModel
@@ -49,29 +49,36 @@ class Exemplars:
     embeddings: torch.Tensor    # ExD
     paths: list[str]            # absolute, to recognise a query among them
 
-    def save(self, path: Path, arch: str, weights: str) -> Path:
-        """Write to ``path`` as plain tensors and strings (loadable with weights_only=True)."""
-        data = {"format": "gradcam-exemplars-1", "arch": arch, "weights": weights,
-                "names": self.names, "labels": self.labels, "embeddings": self.embeddings,
-                "paths": self.paths}
+    def save(self, path: Path, model: LoadedModel) -> Path:
+        """Write to ``path`` as plain tensors and strings (loadable with weights_only=True),
+        with the fingerprint of the model that embedded them."""
+        data = {"format": "gradcam-exemplars-2", "model": model.fingerprint(), "names": self.names,
+                "labels": self.labels, "embeddings": self.embeddings, "paths": self.paths}
         return atomic_write(path, _torch_bytes(data))
 
     @classmethod
-    def load(cls, path: Path, arch: str) -> Exemplars:
-        """Read a file written by ``save``; refuse one made with another architecture."""
+    def load(cls, proxy_file: str | Path, model: LoadedModel) -> Exemplars:
+        """Read a file written by ``save``; refuse one made with another model (architecture,
+        weights, checkpoint bytes, embedding head or preprocessing)."""
+        def refuse(problem: str) -> ArgumentError:
+            return ArgumentError("proxy_file", str(proxy_file), problem)
         try:
-            data = torch.load(path, weights_only=True)
+            data = torch.load(proxy_file, weights_only=True)
         except FileNotFoundError as exc:
-            raise UsageError(f"--proxy-file {path}: no such file") from exc
+            raise refuse("no such file") from exc
         except Exception as exc:
-            raise UsageError(f"--proxy-file {path}: not a file from `gradcam embed build-proxies` "
-                             f"({exc.__class__.__name__})") from exc
-        if not isinstance(data, dict) or data.get("format") != "gradcam-exemplars-1":
-            raise UsageError(f"--proxy-file {path}: not a file from `gradcam embed build-proxies`")
-        if data["arch"] != arch:
-            raise UsageError(f"--proxy-file {path} was built with --arch {data['arch']}, "
-                             f"not {arch}; rebuild it or use that architecture")
+            raise refuse(f"{NOT_EXEMPLARS} ({exc.__class__.__name__})") from exc
+        if not isinstance(data, dict) or data.get("format") != "gradcam-exemplars-2":
+            raise refuse(NOT_EXEMPLARS)
+        ours = model.fingerprint()
+        for key, value in data["model"].items():
+            if key != "classes_sha256" and ours.get(key) != value:
+                raise refuse(f"built with {key} {value!r}, not {ours.get(key)!r}; rebuild it with "
+                             "this model, or use the model it was built with")
         return cls(data["names"], data["labels"], data["embeddings"], data["paths"])
+
+
+NOT_EXEMPLARS = "not an exemplar file (one written by Exemplars.save: `gradcam embed build-proxies`)"
 
 
 def _torch_bytes(data: dict) -> bytes:
@@ -98,21 +105,23 @@ def embed_images(model: LoadedModel, paths: Sequence[Path], batch_size: int = 8)
     return torch.cat(rows)
 
 
-def read_exemplars(model: LoadedModel, folder: Path, batch_size: int = 8) -> Exemplars:
+def read_exemplars(model: LoadedModel, proxy_dir: str | Path, batch_size: int = 8) -> Exemplars:
     """Embed a folder with one sub-folder of exemplar images per class."""
+    folder = Path(proxy_dir)
     if not folder.is_dir():
-        raise UsageError(f"--proxies {folder}: not a folder (one sub-folder per class expected)")
+        raise ArgumentError("proxy_dir", str(proxy_dir), "not a folder (one sub-folder of exemplar "
+                            "images per class expected)")
     classes = sorted(d for d in folder.iterdir() if d.is_dir())
     names, labels, paths = [], [], []
     for label, directory in enumerate(classes):
         found = [p for p in expand([str(directory)]) if not isinstance(p, BadInput)]
         if not found:
-            raise UsageError(f"--proxies: class folder {directory} has no images")
+            raise ArgumentError("proxy_dir", str(proxy_dir), f"class folder {directory.name} has no images")
         names.append(directory.name)
         labels += [label] * len(found)
         paths += [str(Path(p).resolve()) for p in found]
     if not names:
-        raise UsageError(f"--proxies {folder}: no class sub-folders")
+        raise ArgumentError("proxy_dir", str(proxy_dir), "no class sub-folders")
     embeddings = embed_images(model, [Path(p) for p in paths], batch_size)
     return Exemplars(names, torch.tensor(labels), embeddings, paths)
 
@@ -137,12 +146,12 @@ class Candidates:
                    sides=sides)
 
     @classmethod
-    def from_exemplars(cls, exemplars: Exemplars, kind: str = "mean") -> Candidates:
-        """One proxy per class, built by ``kind``."""
-        if kind not in PROXY_KINDS:
-            raise UsageError(f"--proxy {kind}: choose from {', '.join(PROXY_KINDS)}")
-        vectors = torch.stack([_proxy(exemplars, c, kind) for c in range(len(exemplars.names))])
-        return cls(exemplars.names, vectors, exemplars, kind)
+    def from_exemplars(cls, exemplars: Exemplars, proxy_kind: str = "mean") -> Candidates:
+        """One proxy per class, built by ``proxy_kind``: "mean" or "single"."""
+        if proxy_kind not in PROXY_KINDS:
+            raise unknown("proxy_kind", proxy_kind, PROXY_KINDS, "proxy kind")
+        vectors = torch.stack([_proxy(exemplars, c, proxy_kind) for c in range(len(exemplars.names))])
+        return cls(exemplars.names, vectors, exemplars, proxy_kind)
 
     def for_images(self, paths: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor]:
         """NxPxD candidate vectors and an NxP validity mask for a batch of queries."""

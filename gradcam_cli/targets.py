@@ -15,16 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from .choices import SIMILARITIES
-from .errors import UsageError
+from .errors import ArgumentError, ArgumentTypeError, unknown
 
 
-def similarity(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
-    """y·p or cos(y, p) over the last dimension, broadcasting the others."""
+def _similarity(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
+    """y·p ("dot") or cos(y, p) ("cosine") over the last dimension, broadcasting the others;
+    ``top_proxies`` has checked ``kind``."""
     if kind == "dot":
         return (a * b).sum(dim=-1)
-    if kind == "cosine":
-        return F.cosine_similarity(a, b, dim=-1, eps=1e-12)
-    raise UsageError(f"--similarity {kind}: choose from {', '.join(SIMILARITIES)}")
+    return F.cosine_similarity(a, b, dim=-1, eps=1e-12)
 
 
 @dataclass
@@ -45,48 +44,58 @@ class Target:
         if self.proxies is None:
             return outputs.gather(1, self.chosen) if image is None else outputs[:, self.chosen[image]]
         proxies = self.proxies if image is None else self.proxies[image][None]
-        return similarity(outputs[:, None, :], proxies, self.kind)
+        return _similarity(outputs[:, None, :], proxies, self.kind)
 
 
 Chooser = Callable[[torch.Tensor], Target]
 
 
 def top_classes(topk: int = 3, class_ids: Sequence[int] = ()) -> Chooser:
-    """Explain each image's top-k classes by probability, or the given classes."""
+    """Explain each image's top-k classes, or the given classes. Classes are ranked by their
+    logits, not their probabilities: logits closer than float32's resolution of the softmax
+    (~1e-7 apart, common with random or barely trained heads) round to equal or misordered
+    probabilities, and the lowest class ids would win."""
+    if isinstance(class_ids, (int, str)):
+        raise ArgumentTypeError("class_ids", class_ids, f"a sequence of class ids, e.g. [{class_ids!r}]")
+
     def choose(logits: torch.Tensor) -> Target:
-        probabilities = logits.float().softmax(dim=1)
-        return Target(probabilities, choose_classes(probabilities, topk, class_ids))
+        return Target(logits.float().softmax(dim=1), choose_classes(logits, topk, class_ids))
     return choose
 
 
-def top_proxies(proxies: torch.Tensor, kind: str = "dot", topk: int = 3,
+def top_proxies(proxies: torch.Tensor, similarity: str = "dot", topk: int = 3,
                 valid: torch.Tensor | None = None) -> Chooser:
-    """Explain the k proxies most similar to each image's embedding.
+    """Explain the k proxies most similar (``similarity``: "dot" or "cosine") to each image's
+    embedding.
 
     ``proxies`` is PxD, shared by all images, or NxPxD when each image has its own (a query
-    left out of its own class's proxy); ``valid`` (NxP) marks proxies an image may not use.
+    left out of its own class's proxy); ``valid`` (NxP) marks proxies an image may use.
     """
+    if similarity not in SIMILARITIES:
+        raise unknown("similarity", similarity, SIMILARITIES)
+    if topk < 1:
+        raise ArgumentError("topk", topk, "must be at least 1")
+
     def choose(embeddings: torch.Tensor) -> Target:
         per_image = proxies if proxies.dim() == 3 else proxies.expand(len(embeddings), -1, -1)
-        table = similarity(embeddings[:, None, :].float(), per_image.float(), kind)
+        table = _similarity(embeddings[:, None, :].float(), per_image.float(), similarity)
         if valid is not None:
             table = table.masked_fill(~valid, float("-inf"))
         k = min(topk, table.shape[1])
         chosen = table.topk(k, dim=1).indices
         picked = per_image.gather(1, chosen[..., None].expand(-1, -1, per_image.shape[2]))
-        return Target(table, chosen, picked.to(embeddings.dtype), kind)
+        return Target(table, chosen, picked.to(embeddings.dtype), similarity)
     return choose
 
 
-def choose_classes(probabilities: torch.Tensor, topk: int,
-                   class_ids: Sequence[int] = ()) -> torch.Tensor:
+def choose_classes(logits: torch.Tensor, topk: int, class_ids: Sequence[int] = ()) -> torch.Tensor:
     """The classes to explain per image: the given ids for all images, or each one's top-k."""
-    n, classes = probabilities.shape
+    n, classes = logits.shape
     if class_ids:
         bad = [c for c in class_ids if not 0 <= c < classes]
         if bad:
-            raise UsageError(f"--class-id {bad[0]} is outside 0..{classes - 1}")
-        return torch.tensor(list(class_ids), device=probabilities.device).expand(n, -1)
+            raise ArgumentError("class_ids", bad[0], f"outside 0..{classes - 1}")
+        return torch.tensor(list(class_ids), device=logits.device).expand(n, -1)
     if not 1 <= topk <= classes:
-        raise UsageError(f"--topk {topk} must be between 1 and {classes}")
-    return probabilities.topk(topk, dim=1).indices
+        raise ArgumentError("topk", topk, f"must be between 1 and {classes}")
+    return logits.topk(topk, dim=1).indices

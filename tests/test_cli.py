@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -30,11 +32,14 @@ def run(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+COMMANDS = {"classify", "compare-layers", "embed", "evaluate", "layers", "architectures", "methods"}
+
+
 def test_help_lists_every_command_and_version() -> None:
     code, out, _ = run("--help")
     assert code == 0
-    for command in ("classify", "layers", "architectures", "methods"):
-        assert command in out
+    listed = out.split("Commands:")[1].splitlines()
+    assert {line.split()[0] for line in listed if line.strip()} == COMMANDS
     assert run("--version")[1].strip().endswith(__version__)
 
 
@@ -102,23 +107,82 @@ def test_bad_image_fails_alone(photo: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--arch", "resnet1"], "unknown architecture 'resnet1'"),
-    (["--layer", "layer5"], "did you mean layer"),
-    (["--cuda"], "no CUDA device"),
-    (["--class-id", "1000"], "outside 0..999"),
-    (["--weights", "missing.pt"], "no such checkpoint"),
+    (["--arch", "resnet1"], "--arch resnet1: unknown architecture; did you mean resnet18"),
+    (["--layer", "layer5"], "--layer layer5: unknown layer; did you mean layer"),
+    (["--cuda"], "--cuda: no CUDA device"),
+    (["--class-id", "1000"], "--class-id 1000: outside 0..999"),
+    (["--topk", "1001"], "--topk 1001: must be between 1 and 1000"),
+    (["--weights", "missing.pt"], "--weights missing.pt: no such checkpoint"),
     (["--method", "gradcam,gradcampp"],
-     "unknown method 'gradcampp'; did you mean gradcam, xgradcam, gradcam++"),
+     "--method gradcampp: unknown method; did you mean gradcam, xgradcam, gradcam++"),
 ])
 def test_usage_errors_exit_2_with_one_line(photo: Path, tmp_path: Path, args: list[str],
                                            message: str) -> None:
     argv = ["classify", "--arch", "resnet18", "--weights", "none", "--image-path", str(photo),
-            "--output-dir", str(tmp_path), *args]
+            "--output-dir", str(tmp_path), "--layer", "layer4", *args]  # no default-layer notice
     if "--cuda" in args:
         pytest.importorskip("torch").cuda.is_available() and pytest.skip("CUDA is available")
     code, out, err = run(*argv)
-    assert code == 2 and message in err and len(err.strip().splitlines()) <= 2
-    assert out == ""
+    assert code == 2 and out == ""
+    assert err.splitlines() == [err.strip()] and err.startswith(f"gradcam: error: {message}"), err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["classify", "--image-path", "a.jpg"], "Missing option '--arch'"),
+    ([*BASE, "--image-path", "a.jpg", "--topk", "x"], "'x' is not a valid integer"),
+    ([*BASE, "--image-path", "a.jpg", "--bogus"], "No such option '--bogus'"),
+    (["evaluate", "--arch", "resnet18", "--baseline", "blurr"], "'blurr' is not one of"),
+    (["clasify", "--arch", "resnet18"], "No such command 'clasify'"),
+    (["--bogus"], "No such option '--bogus'"),
+    (["embed", "--reference", "a.jpg", "--image-path", "b.jpg"], "Missing option '--arch'"),
+    (["embed", "build-proxies", "folder", "--arch", "resnet18"], "Missing option '--output'"),
+])
+def test_click_usage_errors_are_one_line_like_the_tools_own(argv: list[str], message: str) -> None:
+    code, out, err = run(*argv)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [err.strip()] and err.startswith("gradcam: error: ") and message in err, err
+
+
+def test_library_errors_are_said_with_their_flags(photo: Path, tmp_path: Path) -> None:
+    code, out, err = run(*EMBED, "--proxy-file", str(tmp_path / "p.pt"), "--image-path", str(photo),
+                         "--output-dir", str(tmp_path))
+    assert code == 2 and out == ""
+    assert err.strip() == f"gradcam: error: --proxy-file {tmp_path / 'p.pt'}: no such file"
+
+
+def test_ctrl_c_while_the_model_loads_is_one_line_and_130(photo: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+    monkeypatch.setattr("gradcam_cli.models.load_model", interrupted)
+    code, out, err = run(*BASE, "--image-path", str(photo), "--output-dir", str(tmp_path))
+    assert code == 130 and out == ""
+    assert err.splitlines() == ["gradcam: interrupted by SIGINT"], err
+
+
+def chatty(real: Callable[..., object]) -> Callable[..., object]:
+    """``real``, printing on stdout first as torch does while it downloads weights."""
+    def load(*args: object, **kwargs: object) -> object:
+        print('Downloading: "https://download.pytorch.org/models/x.pth" to /tmp/x.pth')
+        return real(*args, **kwargs)
+    return load
+
+
+def test_stdout_holds_only_records_while_weights_download(photo: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradcam_cli import models
+    monkeypatch.setattr(models, "load_model", chatty(models.load_model))
+    monkeypatch.setattr(models, "load_embedder", chatty(models.load_embedder))
+    code, out, err = run(*BASE, "--image-path", str(photo), "--output-dir", str(tmp_path), "--json",
+                         "--topk", "1", "--method", "gradcam")
+    assert code == 0 and [json.loads(line)["status"] for line in out.splitlines()] == ["ok"]
+    assert "Downloading" in err
+    code, out, _ = run("layers", "--arch", "resnet18")
+    assert code == 0 and "Downloading" not in out
+    folder = exemplar_folder(tmp_path / "ex", photo)
+    code, out, err = run("embed", "build-proxies", str(folder), "--output", str(tmp_path / "p.pt"),
+                         "--arch", "resnet18", "--weights", "none", "--no-cuda")
+    assert code == 0 and out == "" and "Downloading" in err
 
 
 def test_layers_lists_shapes_and_default() -> None:
@@ -184,8 +248,9 @@ def test_compare_layers_chosen_layers_methods_and_classes(photo: Path, tmp_path:
 def test_compare_layers_refuses_layer_independent_methods(photo: Path, tmp_path: Path) -> None:
     code, out, err = run("compare-layers", "--arch", "resnet18", "--weights", "none",
                          "--image-path", str(photo), "--output-dir", str(tmp_path),
-                         "--method", "vanilla")
-    assert code == 2 and "--method vanilla does not depend on the layer" in err and out == ""
+                         "--method", "vanilla", "--layers", "layer4")  # no default-layers notice
+    assert code == 2 and out == "" and err.splitlines() == [err.strip()], err
+    assert err.startswith("gradcam: error: --method vanilla: does not depend on the layer")
 
 
 EMBED = ["embed", "--arch", "resnet18", "--weights", "none", "--no-cuda"]
@@ -238,7 +303,36 @@ def test_embed_references_explains_both_sides(photo: Path, tmp_path: Path) -> No
 
 def test_embed_needs_exactly_one_source(photo: Path, tmp_path: Path) -> None:
     code, out, err = run(*EMBED, "--image-path", str(photo), "--output-dir", str(tmp_path))
-    assert code == 2 and "exactly one of --reference" in err and out == ""
+    assert code == 2 and out == "" and err.splitlines() == [err.strip()], err
+    assert err.startswith("gradcam: error: give exactly one of --reference")
+
+
+def test_embed_topk_with_references_is_honoured(photo: Path, tmp_path: Path) -> None:
+    refs = [str(make_image(tmp_path / f"ref{i}.png", size=(60 - 20 * i, 60))) for i in (0, 1)]
+    every = embed_pair(photo, tmp_path, "--method", "gradcam", "--reference", refs[0],
+                       "--reference", refs[1])
+    assert len(every["cat.jpg"]["classes"]) == 3  # default: every reference
+    top = embed_pair(photo, tmp_path / "k", "--method", "gradcam", "--reference", refs[0],
+                     "--reference", refs[1], "--topk", "2")
+    assert [c["similarity"] for c in top["cat.jpg"]["classes"]] == \
+        [c["similarity"] for c in every["cat.jpg"]["classes"]][:2]
+
+
+def shared_help(command: click.Command) -> dict[str, str]:
+    """Each option of a command and its help text."""
+    return {p.opts[0]: p.help for p in command.params if isinstance(p, click.Option)}
+
+
+def test_embed_shares_the_options_and_help_texts_of_the_other_commands() -> None:
+    embed, build = main.commands["embed"], main.commands["embed"].commands["build-proxies"]
+    classify = shared_help(main.commands["classify"])
+    own = shared_help(embed)
+    shared = set(classify) & set(own) - {"--topk"}  # embed ranks proxies or references, not classes
+    assert {"--arch", "--weights", "--cuda", "--layer", "--method", "--batch-size"} <= shared
+    assert {o: own[o] for o in shared} == {o: classify[o] for o in shared}
+    assert {o: h for o, h in shared_help(build).items() if o in own} == \
+        {o: own[o] for o in shared_help(build) if o in own}
+    assert next(p for p in embed.params if p.name == "arch").required
 
 
 def test_embed_with_a_trained_embedding_checkpoint(photo: Path, tmp_path: Path) -> None:

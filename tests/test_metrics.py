@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from scipy import stats
 
 from gradcam_cli import metrics as MT
 
@@ -83,7 +84,6 @@ def test_pointing_game_with_the_exact_mask_and_the_tolerance() -> None:
 
 
 def test_spearman_agrees_with_scipy_including_ties() -> None:
-    stats = pytest.importorskip("scipy.stats")
     a = torch.tensor([[0.0, 0.0, 1.0], [2.0, 2.0, 5.0], [0.0, 3.0, 1.0]])
     b = torch.tensor([[1.0, 0.0, 0.0], [4.0, 2.0, 5.0], [0.0, 3.0, 9.0]])
     expected = stats.spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic
@@ -101,3 +101,5 @@ def test_saliency_and_baselines() -> None:
     ramp = torch.arange(75.0).view(3, 5, 5)
     assert torch.allclose(MT.baseline_of(ramp, "mean")[:, 0, 0], ramp.mean(dim=(1, 2)))
     assert not MT.baseline_of(ramp, "zero").any()
+    with pytest.raises(ValueError, match=r"^baseline='blurr': unknown baseline; did you mean blur\?$"):
+        MT.baseline_of(ramp, "blurr")

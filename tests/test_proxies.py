@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from gradcam_cli.errors import UsageError
-from gradcam_cli.proxies import Candidates, Exemplars, normalised_mean, single_proxy
+from gradcam_cli.models import LoadedModel, load_embedder
+from gradcam_cli.proxies import Candidates, Exemplars, normalised_mean, read_exemplars, single_proxy
+
+from .conftest import make_image
 
 EMBEDDINGS = torch.tensor([[3.0, 4.0], [0.0, 2.0], [2.0, 0.0]])
 # normalised: (.6, .8), (0, 1), (1, 0); mean (1.6/3, 1.8/3) = (.5333, .6); its norm √.6444 = .8028
@@ -42,11 +47,53 @@ def test_a_query_is_left_out_of_its_own_class() -> None:
     assert valid.tolist() == [[True, True], [True, False], [True, True]]  # b had only b1
 
 
-def test_save_and_load_round_trip(tmp_path: Path) -> None:
-    path = exemplars().save(tmp_path / "p.pt", "resnet18", "none")
-    loaded = Exemplars.load(path, "resnet18")
+@pytest.fixture(scope="module")
+def embedder() -> LoadedModel:
+    return load_embedder("resnet18", "none")
+
+
+def test_save_and_load_round_trip(tmp_path: Path, embedder: LoadedModel) -> None:
+    path = exemplars().save(tmp_path / "p.pt", embedder)
+    loaded = Exemplars.load(path, embedder)
     assert loaded.names == ["a", "b"] and torch.equal(loaded.embeddings, exemplars().embeddings)
-    with pytest.raises(UsageError, match="built with --arch resnet18"):
-        Exemplars.load(path, "vgg11")
-    with pytest.raises(UsageError, match="not a file from"):
-        Exemplars.load(Path(__file__), "resnet18")
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"weights": "trained.pt", "weights_sha256": "0" * 64}, "weights"),
+    ({"head": "linear to 8"}, "head"),  # built without --embedding-dim, used with it
+    ({"arch": "resnet34"}, "arch"),
+])
+def test_a_proxy_file_for_another_model_is_refused(tmp_path: Path, embedder: LoadedModel,
+                                                   change: dict, named: str) -> None:
+    path = exemplars().save(tmp_path / "p.pt", embedder)
+    with pytest.raises(UsageError, match=rf"built with {named} .*, not .*; rebuild it"):
+        Exemplars.load(path, replace(embedder, **change))
+
+
+def bad_calls(tmp: Path, model: LoadedModel) -> list[tuple[Callable[[], object], str]]:
+    """Library calls with one bad argument, and how their error must begin."""
+    saved = exemplars().save(tmp / "p.pt", model)
+    make_image(tmp / "ex" / "a" / "a.png")
+    (tmp / "ex" / "b").mkdir()
+    (tmp / "empty").mkdir()
+    return [
+        (lambda: Exemplars.load(tmp / "none.pt", model), f"proxy_file='{tmp}/none.pt': no such file"),
+        (lambda: Exemplars.load(Path(__file__), model),
+         f"proxy_file='{__file__}': not an exemplar file"),
+        (lambda: Exemplars.load(saved, replace(model, arch="vgg11")),
+         f"proxy_file='{saved}': built with arch 'resnet18', not 'vgg11'"),
+        (lambda: Candidates.from_exemplars(exemplars(), "typical"),
+         "proxy_kind='typical': unknown proxy kind; choose from mean, single"),
+        (lambda: read_exemplars(None, tmp / "none"), f"proxy_dir='{tmp}/none': not a folder"),
+        (lambda: read_exemplars(None, tmp / "empty"), f"proxy_dir='{tmp}/empty': no class sub-folders"),
+        (lambda: read_exemplars(None, tmp / "ex"), f"proxy_dir='{tmp}/ex': class folder b has no images"),
+    ]
+
+
+def test_bad_arguments_are_value_errors_naming_the_python_argument(tmp_path: Path,
+                                                                  embedder: LoadedModel) -> None:
+    for call, message in bad_calls(tmp_path, embedder):
+        with pytest.raises(UsageError) as caught:
+            call()
+        assert isinstance(caught.value, ValueError)
+        assert str(caught.value).startswith(message) and "--" not in str(caught.value), message

@@ -9,7 +9,7 @@ import torchvision
 
 from gradcam_cli import explain
 from gradcam_cli.methods import DEFAULT_METHODS
-from gradcam_cli.targets import top_proxies
+from gradcam_cli.targets import top_classes, top_proxies
 
 from .scenes import PATTERN, scenes
 
@@ -104,3 +104,32 @@ def test_trained_embedding_pair_maps_peak_on_the_shared_object() -> None:
             top, left = where[side].tolist()
             hits += top - 3 <= r < top + PATTERN + 3 and left - 3 <= c < left + PATTERN + 3
     assert hits >= 36, f"{hits}/40 pair maps peak on the shared object"
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda m, x: explain(m, x, "layer4", class_ids=[5000]), "class_ids=5000: outside 0..999"),
+    (lambda m, x: explain(m, x, "layer4", topk=0), "topk=0: must be between 1 and 1000"),
+    (lambda m, x: explain(m, x, "layer4", methods=["gradcampp"]),
+     "methods='gradcampp': unknown method; did you mean gradcam"),
+    (lambda m, x: explain(m, x, "layer4", methods="gradcam"),
+     "methods='gradcam': a sequence of method names"),
+    (lambda m, x: explain(m, x, "layer4", class_ids=285), "class_ids=285: a sequence of class ids"),
+    (lambda m, x: top_proxies(torch.eye(3), "euclid"),
+     "similarity='euclid': unknown similarity; choose from dot, cosine"),
+    (lambda m, x: top_proxies(torch.eye(3), "dot", 0), "topk=0: must be at least 1"),
+])
+def test_bad_arguments_are_value_errors_naming_the_python_argument(call, message: str) -> None:
+    model, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)
+    with pytest.raises(ValueError) as caught:
+        call(model, x)
+    assert str(caught.value).startswith(message) and "--" not in str(caught.value)
+    assert isinstance(caught.value, TypeError) == ("a sequence" in message)
+
+
+def test_top_classes_rank_near_tied_logits_by_the_logits() -> None:
+    """Logits 2e-8 apart round to misordered float32 probabilities; the classes are still the
+    three largest logits, in their order."""
+    logits = torch.zeros(1, 1000)
+    logits[0, [765, 132, 743]] = torch.tensor([6e-8, 4e-8, 2e-8])
+    assert logits.softmax(dim=1).topk(3).indices.tolist() != [[765, 132, 743]]  # what misled it
+    assert top_classes(topk=3)(logits).chosen.tolist() == [[765, 132, 743]]
