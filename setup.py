@@ -13,11 +13,11 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["gradcam_cli", "gradcam_cli.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=[
         "torch>=2.0",
         "torchvision>=0.15",
-        "click>=8.0",
+        "click>=8.2",
         "matplotlib>=3.5",
         "tqdm>=4.60",
         "pillow>=9.1",
@@ -27,7 +27,7 @@ setup(
         "safetensors": ["safetensors>=0.3"],
         # torchcam pinned: tests/test_methods_torchcam.py reproduces 0.5.0's own conventions
         "test": ["pytest>=7", "captum>=0.7", "grad-cam>=1.5", "torchcam==0.5.0", "safetensors>=0.3",
-                 "ruff>=0.4"],
+                 "scipy>=1.8", "ruff>=0.4"],
         "bench": ["captum>=0.7", "grad-cam>=1.5", "torchcam>=0.4"],
     },
     entry_points={"console_scripts": ["gradcam=gradcam_cli.cli:main"]},

@@ -24,12 +24,9 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +35,14 @@ from PIL import Image
 
 from . import metrics as MT
 from .engine import evaluating
-from .errors import UsageError
+from .errors import ArgumentError, InputError
 from .explanation import Explanation, explain
-from .inputs import BadInput
-from .io import atomic_write, image_id, json_bytes, png_bytes, prepare_output_dir
+from .io import atomic_write, json_bytes, png_bytes
 from .methods import DEFAULT_METHODS
 from .models import LoadedModel
-from .pipeline import Item, load_item, prefetch, resolve_layer
+from .pipeline import resolve_layer
 from .render import TITLES, line_plot
+from .runner import Item, Loaded, Task, run
 from .sanity import cascade
 from .truth import Truth
 
@@ -82,85 +79,87 @@ def evaluate(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     averaged table.
     """
     if baseline not in MT.BASELINES:
-        raise UsageError(f"--baseline {baseline}: choose from {', '.join(MT.BASELINES)}")
+        raise ArgumentError("baseline", baseline, f"choose from {', '.join(MT.BASELINES)}")
     chosen = resolve_layer(model, layer)
     settings = Settings(chosen, methods, steps, baseline, tolerance, sanity, batch_size)
-    out = prepare_output_dir(Path(output_dir))
-    device = next(model.module.parameters()).device
-    todo = [(_existing(model, item, settings, out) if skip_existing else None) or item
-            for item in images]
-    for batch in prefetch(todo, batch_size, partial(load_item, decode=partial(_decoded, model, truth))):
-        good = [item for item in batch if isinstance(item, tuple)]
-        result = None
-        if good:
-            x = torch.stack([model.preprocess.to_tensor(crop) for _, crop, _, _ in good]).to(device)
-            result = explain(model.module, x, chosen, topk, class_ids, methods, batch_size, progress)
-        index = iter(range(len(good)))
-        for item in batch:
-            if isinstance(item, dict):
-                yield item
-                continue
-            i = next(index)
-            yield _evaluate_image(model, item, x[i], result, i, settings, out)
-        if stop():
-            break
+    task = Evaluation(model, settings, topk, class_ids, truth, progress)
+    return run(task, images, output_dir, batch_size, skip_existing, stop)
 
 
-def _folder(model: LoadedModel, image: Item, run: Settings, out: Path) -> Path:
-    """Where one image's evaluation files go."""
-    return out / image_id(image) / f"{model.arch}@{run.layer}-evaluate"
+@dataclass
+class Evaluation(Task):
+    """evaluate as a runner task: explain a batch, then measure and plot each image's maps.
 
+    Measuring runs the model, so an image is measured before the next batch is explained."""
 
-def _existing(model: LoadedModel, item: Item, run: Settings, out: Path) -> dict | None:
-    """An earlier run's record for this image, as "skipped", if it used the same steps,
-    baseline, methods and sanity setting and its files are all there."""
-    if isinstance(item, BadInput):
-        return None
-    try:
-        record = json.loads((_folder(model, item, run, out) / "summary.json").read_text())
-        same = (record["steps"] == run.steps and record["baseline"] == run.baseline
-                and list(record["classes"][0]["metrics"]) == list(run.methods)
-                and ("sanity" in record) == run.sanity)
-    except (OSError, ValueError, KeyError, IndexError):
-        return None
-    files = [record["curves"], *([record["sanity_plot"]] if run.sanity else [])]
-    return {**record, "status": "skipped"} if same and all(map(os.path.isfile, files)) else None
+    writes_beside = False
+    model: LoadedModel
+    run: Settings
+    topk: int
+    class_ids: Sequence[int]
+    truth: Truth | None
+    progress: bool
 
+    @property
+    def tag(self) -> str:
+        """Where one image's evaluation files go, beside classify's folder."""
+        return f"{self.model.arch}@{self.run.layer}-evaluate"
 
-def _decoded(model: LoadedModel, truth: Truth | None, path: Path, image: Image.Image) -> tuple:
-    """The crop the model sees, the object mask cropped alike (if any), and the scale from
-    original to crop pixels."""
-    mask = None
-    if truth is not None:
-        crop = model.preprocess.crop_image(truth.mask_for(path, image.size), nearest=True)
-        mask = torch.from_numpy(np.asarray(crop) > 127)
-    return path, model.preprocess.crop_image(image), mask, model.preprocess.scale(image.size)
+    def settings(self, path: Path) -> dict:
+        """Model, layer, methods, classes, curve and truth settings, and this image's truth."""
+        truth = None if self.truth is None else self.truth.source(path)
+        return {"task": self.tag, "model": self.model.fingerprint(), "layer": self.run.layer,
+                "methods": list(self.run.methods), "topk": self.topk,
+                "class_ids": list(self.class_ids), "steps": self.run.steps,
+                "baseline": self.run.baseline, "tolerance": self.run.tolerance,
+                "sanity": self.run.sanity, "truth": truth}
 
+    def decode(self, path: Path, image: Image.Image) -> tuple:
+        """The crop the model sees, the object mask cropped alike (if any), and the scale from
+        original to crop pixels."""
+        mask = None
+        if self.truth is not None:
+            crop = self.model.preprocess.crop_image(self.truth.mask_for(path, image.size), nearest=True)
+            mask = torch.from_numpy(np.asarray(crop) > 127)
+        return self.model.preprocess.crop_image(image), mask, self.model.preprocess.scale(image.size)
 
-def _evaluate_image(model: LoadedModel, item: tuple, x: torch.Tensor, result: Explanation,
-                    i: int, run: Settings, out: Path) -> dict:
-    """Every metric for one image's explained classes; its plots and summary written."""
-    path, _, mask, scale = item
-    base = MT.baseline_of(x, run.baseline)
-    classes = []
-    for k, class_id in enumerate(result.classes[i].tolist()):
-        score = _scorer(model.module, class_id)
-        original = float(result.scores[i, class_id])
-        rows = {m: _measure(score, x, MT.saliency_of(result.maps[m][i, k]), base, original, mask,
-                            run.tolerance * scale, run) for m in run.methods}
-        classes.append({"rank": k + 1, "class_id": class_id, "name": model.categories[class_id],
-                        "probability": round(original, 6), "metrics": rows})
-    folder = _folder(model, path, run, out)
-    record = {"image": str(path), "status": "ok", "arch": model.arch, "weights": model.weights,
-              "layer": run.layer, "steps": run.steps, "baseline": run.baseline, "classes": classes,
-              "curves": str(folder / "curves.png"), "summary": str(folder / "summary.json")}
-    if run.sanity:
-        record["sanity"] = _sanity(model, x, result.classes[i].tolist(), run)
-        record["sanity_plot"] = str(folder / "sanity.png")
-        atomic_write(folder / "sanity.png", png_bytes(sanity_plot([record])))
-    atomic_write(folder / "curves.png", png_bytes(curves_plot([record])))
-    atomic_write(folder / "summary.json", json_bytes(record))
-    return record
+    def explain(self, batch: list[Loaded]) -> tuple[torch.Tensor, Explanation]:
+        """The batch's inputs and its maps."""
+        x = torch.stack([self.model.preprocess.to_tensor(item.data[0]) for item in batch])
+        x = x.to(next(self.model.module.parameters()).device)
+        return x, explain(self.model.module, x, self.run.layer, self.topk, self.class_ids,
+                          self.run.methods, self.run.batch_size, self.progress)
+
+    def files(self, record: dict) -> list[str]:
+        """The curves plot, and the sanity plot when the randomisation test ran."""
+        return [record["curves"], *([record["sanity_plot"]] if "sanity" in record else [])]
+
+    def write(self, item: Loaded, results: tuple[torch.Tensor, Explanation], i: int,
+              folder: Path) -> dict:
+        """Every metric for one image's explained classes; its plots written."""
+        (x, result), (_, mask, scale), run = results, item.data, self.run
+        if result.errors[i]:
+            raise InputError(f"{item.path}: {result.errors[i]}")
+        base = MT.baseline_of(x[i], run.baseline)
+        classes = []
+        for k, class_id in enumerate(result.classes[i].tolist()):
+            score = _scorer(self.model.module, class_id)
+            original = float(result.scores[i, class_id])
+            rows = {m: _measure(score, x[i], MT.saliency_of(result.maps[m][i, k]), base, original,
+                                mask, run.tolerance * scale, run) for m in run.methods}
+            classes.append({"rank": k + 1, "class_id": class_id,
+                            "name": self.model.categories[class_id],
+                            "probability": round(original, 6), "metrics": rows})
+        record = {"image": str(item.path), "arch": self.model.arch, "weights": self.model.weights,
+                  "layer": run.layer,
+                  "steps": run.steps, "baseline": run.baseline, "classes": classes,
+                  "curves": str(folder / "curves.png")}
+        if run.sanity:
+            record["sanity"] = _sanity(self.model, x[i], result.classes[i].tolist(), run)
+            record["sanity_plot"] = str(folder / "sanity.png")
+            atomic_write(folder / "sanity.png", png_bytes(sanity_plot([{**record, "status": "ok"}])))
+        atomic_write(folder / "curves.png", png_bytes(curves_plot([{**record, "status": "ok"}])))
+        return record
 
 
 def _measure(score: MT.Scorer, x: torch.Tensor, saliency: torch.Tensor, base: torch.Tensor,

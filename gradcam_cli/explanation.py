@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -12,9 +12,9 @@ from torch import nn
 from . import methods as M
 from . import perturb as P
 from .engine import ForwardPass, forward_pass
-from .errors import UsageError
-from .layout import to_nchw
-from .models import find_layer
+from .errors import ArgumentError, ArgumentTypeError, UsageError, unknown
+from .layout import Layout, to_nchw
+from .models import find_layer, layer_layout
 from .targets import Chooser, Target, top_classes
 
 
@@ -31,6 +31,16 @@ class Explanation:
     maps: dict[str, torch.Tensor]
     layer: str
     gates: int | None  # ReLU-type activations found; None when no guided/deconv map was asked
+    errors: list[str | None] = field(default_factory=list)  # per image: why it has no maps
+
+
+class ZeroGradientError(ArgumentError):
+    """The explained scores' gradient is zero at every position of a layer, for every image."""
+
+
+ZERO_GRADIENT = ("the explained score's gradient is zero at every position of this layer (its "
+                 "output does not reach the score: it comes after the last use of the features, "
+                 "or only a class token is used, or the score does not depend on the input)")
 
 
 def explain(module: nn.Module, inputs: torch.Tensor, layer: str, topk: int = 3,
@@ -48,17 +58,25 @@ def explain(module: nn.Module, inputs: torch.Tensor, layer: str, topk: int = 3,
                           progress, target)[0]
 
 
+def check_methods(methods: Sequence[str]) -> None:
+    """Refuse anything but a sequence of known method names: the one check of ``methods``."""
+    if isinstance(methods, str):
+        raise ArgumentTypeError("methods", methods, f"a sequence of method names, e.g. [{methods!r}]")
+    for name in methods:
+        if name not in M.METHODS:
+            raise unknown("methods", name, M.METHODS, "method")
+
+
 def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str], topk: int = 3,
                    class_ids: Sequence[int] = (), methods: Sequence[str] = M.DEFAULT_METHODS,
                    batch_size: int = 32, progress: bool = False,
                    target: Chooser | None = None) -> list[Explanation]:
     """``explain`` for several layers at once: the forward pass and each class's backward
     passes are shared, so gradient CAMs for every layer cost no more passes than for one."""
-    unknown_methods = [m for m in methods if m not in M.METHODS]
-    if unknown_methods:
-        raise UsageError(f"unknown method {unknown_methods[0]!r}; choose from {', '.join(M.METHODS)}")
+    check_methods(methods)
     choose = target or top_classes(topk, class_ids)
     modules = {name: find_layer(module, name) for name in layers}
+    layouts = {name: layer_layout(module, name, inputs) for name in layers}
     with forward_pass(module, inputs, modules) as fp:
         missing = [name for name in layers if name not in fp.activations]
         if missing:
@@ -67,7 +85,9 @@ def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str
         chosen = choose(fp.logits.detach())
         k = chosen.chosen.shape[1]
         scores = chosen.score(fp.logits)  # NxK, one graph shared by every backward pass
-        ranks = [_explain_class(fp, scores[:, r], layers, methods) for r in range(k)]
+        ranks, dead = zip(*[_explain_class(fp, scores[:, r], layers, methods, layouts)
+                            for r in range(k)], strict=True)
+        errors = _errors(list(dead), layers, len(inputs))
         gates = len(fp.gates) if {"guided", "deconv", "guided-gradcam"} & set(methods) else None
         acts = {name: fp.activations[name].detach() for name in layers}
         outputs = fp.logits.detach()
@@ -77,21 +97,23 @@ def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str
         maps = {m: torch.stack([r[name, m] for r in ranks], dim=1) for m in methods
                 if (name, m) in ranks[0]}
         if "eigencam" in methods:  # class-agnostic: one map per image, shown for every class
-            eigen = M.cam("eigencam", acts[name], None, size)[:, None]
+            eigen = M.cam("eigencam", acts[name], None, size, layouts[name])[:, None]
             maps["eigencam"] = eigen.expand(-1, k, -1, -1, -1).clone()
         for method in M.PERTURBATION_CAMS:
             if method in methods:
                 maps[method] = _perturbation_cam(method, module, modules[name], inputs, acts[name],
-                                                 outputs, chosen, batch_size, progress)
+                                                 layouts[name], outputs, chosen, batch_size, progress)
         results.append(Explanation(chosen.table, chosen.chosen, {m: maps[m] for m in methods},
-                                   name, gates))
+                                   name, gates, errors))
     return results
 
 
-def _explain_class(fp: ForwardPass, scores: torch.Tensor, layers: Sequence[str],
-                   methods: Sequence[str]) -> dict[tuple[str, str], torch.Tensor]:
-    """The gradient maps for one score per image, keyed by (layer, method); each backward pass
-    is run once and shared by every layer (input-gradient maps are the same for all layers)."""
+def _explain_class(fp: ForwardPass, scores: torch.Tensor, layers: Sequence[str], methods: Sequence[str],
+                   layouts: dict[str, Layout]
+                   ) -> tuple[dict[tuple[str, str], torch.Tensor], dict[str, torch.Tensor]]:
+    """The gradient maps for one score per image, keyed by (layer, method), and per layer which
+    images have no gradient there; each backward pass is run once and shared by every layer
+    (input-gradient maps are the same for all layers)."""
     score = scores.sum()  # images are independent in eval mode, so one backward serves all
     size = tuple(fp.inputs.shape[-2:])
     wanted = set(methods) | ({"guided", "gradcam"} if "guided-gradcam" in methods else set())
@@ -99,14 +121,15 @@ def _explain_class(fp: ForwardPass, scores: torch.Tensor, layers: Sequence[str],
     cams = [m for m in M.GRADIENT_CAMS if m in wanted]
     plain = [fp.inputs] * ("vanilla" in wanted) + [fp.activations[n] for n in layers] * bool(cams)
     maps: dict[tuple[str, str], torch.Tensor] = {}
+    dead: dict[str, torch.Tensor] = {}
     if plain:  # one plain backward pass serves vanilla backprop and every gradient CAM
         grads = fp.gradients(score, "plain", plain)
         if "vanilla" in wanted:
             inputs["vanilla"] = grads.pop(0)
-        for name, layer_grads in zip(layers, grads):
-            _require_gradient(layer_grads, name)
+        for name, layer_grads in zip(layers if cams else [], grads, strict=True):
+            dead[name] = _zero_gradient(layer_grads, layouts[name])
             acts = fp.activations[name].detach()
-            maps.update({(name, m): M.cam(m, acts, layer_grads, size) for m in cams})
+            maps.update({(name, m): M.cam(m, acts, layer_grads, size, layouts[name]) for m in cams})
     for method in ("guided", "deconv"):
         if method in wanted:
             (inputs[method],) = fp.gradients(score, M.GRADIENT_METHODS[method], [fp.inputs])
@@ -114,11 +137,11 @@ def _explain_class(fp: ForwardPass, scores: torch.Tensor, layers: Sequence[str],
         maps.update({(name, m): g for m, g in inputs.items()})
         if "guided-gradcam" in wanted:
             maps[name, "guided-gradcam"] = M.guided_gradcam(inputs["guided"], maps[name, "gradcam"])
-    return {key: value.detach() for key, value in maps.items() if key[1] in methods}
+    return {key: value.detach() for key, value in maps.items() if key[1] in methods}, dead
 
 
 def _perturbation_cam(method: str, module: nn.Module, layer: nn.Module, inputs: torch.Tensor,
-                      acts: torch.Tensor, outputs: torch.Tensor, target: Target,
+                      acts: torch.Tensor, layout: Layout, outputs: torch.Tensor, target: Target,
                       batch_size: int, progress: bool) -> torch.Tensor:
     """Score-CAM or Ablation-CAM maps, NxKx1xHxW, from one table of outputs per image (a row
     per perturbed channel) turned into the K explained scores."""
@@ -128,24 +151,33 @@ def _perturbation_cam(method: str, module: nn.Module, layer: nn.Module, inputs: 
     for i in range(len(inputs)):
         image, act = inputs[i:i + 1].detach(), acts[i:i + 1]
         if fast is not None:
-            table = target.score(P.score_logits(fast, image, act, batch_size, progress), i)
+            table = target.score(P.score_logits(fast, image, act, layout, batch_size, progress), i)
             weights = table.softmax(dim=0)  # softmax over channels, per explained score
         else:
-            table = target.score(P.ablation_logits(module, layer, image, batch_size, progress), i)
+            table = target.score(P.ablation_logits(module, layer, image, layout, batch_size, progress), i)
             original = target.score(outputs[i:i + 1].float(), i)[0]
             weights = (original - table) / original
-        images.append(torch.cat([M.weighted_cam(act, w[None], size) for w in weights.T]))
+        images.append(torch.cat([M.weighted_cam(act, w[None], size, layout) for w in weights.T]))
     if fast is not None:  # a torch.fx copy sits in reference cycles: free it now, not later
         del fast
         gc.collect()
     return torch.stack(images)
 
 
-def _require_gradient(grads: torch.Tensor, layer: str) -> None:
-    """Refuse a layer whose spatial gradient is identically zero instead of drawing blank maps."""
-    if not to_nchw(grads).any():
-        raise UsageError(
-            f"--layer {layer}: the class score's gradient is zero at every position of this layer "
-            "(its output does not reach the score, e.g. it comes after the last use of the "
-            "features, or only a class token is used, or the score does not depend on the input "
-            "at all); choose an earlier layer from `gradcam layers`")
+def _zero_gradient(grads: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Per image: is the spatial gradient at this layer identically zero (a blank map)?"""
+    return ~to_nchw(grads, layout).flatten(1).any(dim=1)
+
+
+def _errors(ranks: list[dict[str, torch.Tensor]], layers: Sequence[str], n: int) -> list[str | None]:
+    """Per image, why its CAMs would be blank; a layer dead for every image refuses the batch."""
+    errors: list[str | None] = [None] * n
+    for name in layers:
+        flags = [r[name] for r in ranks if name in r]
+        dead = torch.stack(flags).any(dim=0).tolist() if flags else [False] * n
+        if all(dead):
+            raise ZeroGradientError("layers" if len(layers) > 1 else "layer", name,
+                                    ZERO_GRADIENT + "; choose an earlier layer from `gradcam layers`")
+        for i in (i for i, d in enumerate(dead) if d and errors[i] is None):
+            errors[i] = f"layer {name}: {ZERO_GRADIENT} for this image; its CAMs would be blank"
+    return errors

@@ -36,7 +36,7 @@ def write_scenes(folder: Path, images: torch.Tensor, where: torch.Tensor) -> lis
     """Save scenes as PNGs and their object masks (same names) under ``folder``/masks."""
     (folder / "masks").mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, (image, (r, c)) in enumerate(zip(images, where.tolist())):
+    for i, (image, (r, c)) in enumerate(zip(images, where.tolist(), strict=True)):
         path = folder / f"scene{i:02d}.png"
         Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
         mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
@@ -155,7 +155,7 @@ def test_trained_network_points_at_the_deciding_object(tmp_path: Path) -> None:
     head = [r["sanity"][0] for r in records]
     assert all(step["layer"] == "fc" for step in head)
     mean = {m: np.mean([step["spearman"][f"{r['classes'][0]['class_id']}/{m}"]
-                        for step, r in zip(head, records)]) for m in ("gradcam", "guided")}
+                        for step, r in zip(head, records, strict=True)]) for m in ("gradcam", "guided")}
     assert mean["guided"] >= 0.9 and mean["guided"] - mean["gradcam"] >= 0.4, mean
 
 

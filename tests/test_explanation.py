@@ -14,6 +14,7 @@ from torchvision.models import get_model
 
 from gradcam_cli import UsageError, explain
 from gradcam_cli.explanation import explain_layers
+from gradcam_cli.methods import METHODS
 
 
 def by_max(x: torch.Tensor) -> torch.Tensor:
@@ -89,26 +90,44 @@ def test_rank_maps_equal_single_class_run() -> None:
 
 
 def _state(model: nn.Module) -> tuple:
-    """Everything explain must leave as it was."""
+    """Everything explain must leave as it was, down to each module's instance attributes."""
     hooks = [(n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
              for n, m in model.named_modules()]
     return (hooks, [(n, m.training) for n, m in model.named_modules()],
-            [p.grad for p in model.parameters()], {k: v.clone() for k, v in model.state_dict().items()})
+            [p.grad for p in model.parameters()], {k: v.clone() for k, v in model.state_dict().items()},
+            {n: dict(vars(m)) for n, m in model.named_modules()})
 
 
 def _same(a: tuple, b: tuple) -> bool:
+    """Equal states; instance attributes must be the very same objects, none added or lost."""
+    attributes = a[4].keys() == b[4].keys() and all(
+        a[4][n].keys() == b[4][n].keys() and all(a[4][n][k] is b[4][n][k] for k in a[4][n]) for n in a[4])
     return (a[0] == b[0] and a[1] == b[1] and all(g is None for g in b[2])
-            and all(torch.equal(a[3][k], b[3][k]) for k in a[3]))
+            and all(torch.equal(a[3][k], b[3][k]) for k in a[3]) and attributes)
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's eval-mode logits, computed on a copy so its own flags and statistics stay."""
+    with torch.no_grad():
+        return copy.deepcopy(model).eval()(x)
 
 
 def test_model_left_as_it_was_also_after_error() -> None:
     model = get_model("resnet18", weights=None)
     model.train()
     model.layer2.eval()  # mixed flags must come back exactly
-    before = _state(model)
+    # Instance forwards of the caller's own, on a layer before the target (which Ablation-CAM
+    # replays) and on the target itself: both must survive, as the very same objects.
+    model.layer1.forward = types.MethodType(lambda self, x: nn.Sequential.forward(self, x) * 0.5,
+                                            model.layer1)
+    model.layer3.forward = types.MethodType(lambda self, x: nn.Sequential.forward(self, x) + 0.1,
+                                            model.layer3)
     x = torch.randn(1, 3, 64, 64)
-    explain(model, x, "layer3")
-    assert _same(before, _state(model))
+    before, outputs = _state(model), _outputs(model, x)
+    for method in METHODS:
+        explain(model, x, "layer3", topk=1, methods=[method], batch_size=64)
+        assert torch.equal(_outputs(model, x), outputs), method
+        assert _same(before, _state(model)), method
     with pytest.raises(UsageError):
         explain(model, x, "layer3", class_ids=[5000])  # fails inside the forward pass
     assert _same(before, _state(model))
@@ -146,6 +165,7 @@ def test_layer_without_gradient_is_explained_not_drawn_blank() -> None:
 def test_several_layers_share_one_forward_and_one_backward_per_class() -> None:
     model, x = torchvision.models.resnet18().eval(), torch.randn(2, 3, 64, 64)
     layers = ["layer1", "layer2", "layer3", "layer4"]
+    explain_layers(model, x, layers, topk=1, methods=["gradcam"])  # layouts probed once per model
     forwards = []
     model.register_forward_hook(lambda *_: forwards.append(1))
     backwards = []
@@ -158,7 +178,7 @@ def test_several_layers_share_one_forward_and_one_backward_per_class() -> None:
         patch.setattr(torch.autograd, "grad", counting)
         results = explain_layers(model, x, layers, topk=2, methods=["gradcam", "hirescam"])
     assert len(forwards) == 1 and len(backwards) == 2  # one forward; one backward per class
-    for layer, result in zip(layers, results):
+    for layer, result in zip(layers, results, strict=True):
         alone = explain(model, x, layer, topk=2, methods=["gradcam", "hirescam"])
         assert result.layer == layer
         for method in ("gradcam", "hirescam"):

@@ -14,8 +14,9 @@ from safetensors.torch import save_file
 from torchvision.models import get_model, get_model_weights
 
 from gradcam_cli import ARCHITECTURES, UsageError, load_model
-from gradcam_cli.layout import grid_size
+from gradcam_cli.errors import ArgumentError
 from gradcam_cli.models import default_layer, find_layer, spatial_layers, stage_layers
+from gradcam_cli.pipeline import resolve_layer, resolve_layers
 
 from .conftest import SAMPLES
 
@@ -58,7 +59,8 @@ def test_download_failure_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(UsageError) as info:
         load_model("resnet18")
     message = str(info.value)
-    assert "--weights PATH" in message and "TORCH_HOME" in message and "--weights none" in message
+    assert info.value.argument == "weights" and "--" not in message
+    assert "checkpoint file" in message and "TORCH_HOME" in message and "'none'" in message
 
 
 @pytest.mark.parametrize("layout", ["plain", "state_dict", "model", "dataparallel", "safetensors"])
@@ -85,7 +87,7 @@ def test_checkpoint_with_code_is_refused(tmp_path: Path) -> None:
             return (print, ("this ran",))
     path = tmp_path / "evil.pt"
     path.write_bytes(pickle.dumps({"state_dict": Payload()}))
-    with pytest.raises(UsageError, match="--unsafe-load"):
+    with pytest.raises(ArgumentError, match=r"could run code \(builtins\.print\).*unsafe_load"):
         load_model("resnet18", str(path))
 
 
@@ -112,7 +114,7 @@ def test_labels_file(tmp_path: Path) -> None:
     ("densenet121", "features"), ("inception_v3", "Mixed_7c"), ("googlenet", "inception5b"),
     ("squeezenet1_0", "features"), ("mobilenet_v3_small", "features"),
     ("efficientnet_b0", "features"), ("shufflenet_v2_x0_5", "conv5"), ("mnasnet0_5", "layers"),
-    ("regnet_x_400mf", "trunk_output"), ("convnext_tiny", "features"), ("swin_t", "features"),
+    ("regnet_x_400mf", "trunk_output"), ("convnext_tiny", "features"), ("swin_t", "norm"),
     ("maxvit_t", "blocks.3"), ("vit_b_16", "encoder.layers.encoder_layer_11.ln_1"),
 ])
 def test_default_layer_is_last_spatial_block(arch: str, expected: str) -> None:
@@ -132,6 +134,44 @@ def test_find_layer_refuses_unknown_with_matches() -> None:
     assert find_layer(model, "features.18") is model.features[18]
     with pytest.raises(UsageError, match=r"features\.18"):
         find_layer(model, "feature.18")
+
+
+def test_swin_default_layer_gives_hirescam_more_than_rounding_noise() -> None:
+    """Swin's ``features`` reaches the score only through a LayerNorm at each position, which
+    ignores any scaling of its input: so Σ_k G·A = 0 at every position there, and HiResCAM is
+    float32 rounding noise (|Σ_k G·A| / Σ_k |G·A| ~ 2e-6). At the default layer it is not."""
+    model = load_model("swin_t", "none").module
+    x = torch.randn(1, 3, 224, 224)
+
+    def cancellation(layer: str) -> float:
+        kept = {}
+        handle = find_layer(model, layer).register_forward_hook(lambda _m, _i, out: kept.update(a=out))
+        logits = model(x)
+        handle.remove()
+        (grad,) = torch.autograd.grad(logits[0, logits.argmax()], kept["a"])
+        product = (grad * kept["a"]).detach()  # NxHxWxC: channels last
+        return float((product.sum(-1).abs() / product.abs().sum(-1)).median())
+    assert cancellation("features") < 1e-4
+    assert cancellation(default_layer("swin_t", model, 224)) > 1e-2
+
+
+@pytest.mark.parametrize(("layer", "problem"), [
+    ("", "empty"), ("fc", "of shape (1, 1000), has no spatial grid"),
+    ("avgpool", "of shape (1, 512, 1, 1), has no spatial grid")])
+def test_resolve_layer_refuses_a_layer_without_a_grid(layer: str, problem: str) -> None:
+    model = load_model("resnet18", "none")
+    with pytest.raises(ArgumentError) as info:
+        resolve_layer(model, layer)
+    assert (info.value.argument, info.value.value) == ("layer", layer)
+    assert problem in info.value.problem and "`gradcam layers`" in info.value.problem
+
+
+def test_resolve_layers_names_the_layer_without_a_grid() -> None:
+    model = load_model("resnet18", "none")
+    assert resolve_layers(model, ["layer3", "layer4"]) == ["layer3", "layer4"]
+    with pytest.raises(ArgumentError, match="no spatial grid") as info:
+        resolve_layers(model, ["layer4", "fc"])
+    assert (info.value.argument, info.value.value) == ("layers", "fc")
 
 
 def test_zero_initialised_heads_are_drawn_at_random() -> None:
@@ -155,5 +195,63 @@ def test_stage_layers_end_each_grid_size(arch: str, expected: list[str]) -> None
     assert stages == expected
     if not arch.startswith("vit_"):  # each stage halves the grid of the one before
         shapes = dict(spatial_layers(module, 224))
-        sides = [grid_size(shapes[name])[0] for name in stages]
-        assert all(a == 2 * b for a, b in zip(sides, sides[1:]))
+        sides = [shapes[name][1 if arch.startswith("swin") else 2] for name in stages]  # Swin: NHWC
+        assert all(sides[i] == 2 * sides[i + 1] for i in range(len(sides) - 1))
+
+
+class _NoWeights(torch.nn.Module):
+    """Stands for a downloaded network: the test needs only the weights' metadata."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(1, 1000)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_weights_enum_is_preprocessed_by_its_own_transforms(
+        arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gradcam_cli.models._download", lambda *_a: _NoWeights())
+    image = Image.open(SAMPLES / "coffee.png").convert("RGB").resize((150, 110))
+    for weights in get_model_weights(arch):
+        ours = load_model(arch, weights.name).preprocess
+        expected = weights.transforms()(image)
+        assert torch.allclose(ours.to_tensor(ours.crop_image(image)), expected, atol=1e-6), weights
+
+
+def test_enum_weights_build_the_network_they_were_trained_as(monkeypatch: pytest.MonkeyPatch) -> None:
+    """resnet50's V1 weights resize to 256 (DEFAULT, V2, to 232); vit_b_16's SWAG weights run
+    at 384 px, bicubic."""
+    def random_state(self: torchvision.models.WeightsEnum, *_a: object, **_k: object) -> dict:
+        arch = {"ResNet50_Weights": "resnet50", "ViT_B_16_Weights": "vit_b_16"}[type(self).__name__]
+        return get_model(arch, image_size=self.meta["min_size"][0]).state_dict() \
+            if arch.startswith("vit") else get_model(arch).state_dict()
+    monkeypatch.setattr("torchvision.models._api.WeightsEnum.get_state_dict", random_state)
+    v1 = load_model("resnet50", "IMAGENET1K_V1")
+    assert (v1.preprocess.resize, v1.preprocess.crop, v1.weights) == (256, 224, "IMAGENET1K_V1")
+    swag = load_model("vit_b_16", "IMAGENET1K_SWAG_E2E_V1")
+    assert (swag.preprocess.resize, swag.preprocess.crop) == (384, 384)
+    assert swag.preprocess.interpolation == torchvision.transforms.InterpolationMode.BICUBIC
+    assert swag.module.image_size == 384
+
+
+def _random_bytes(path: Path) -> None:
+    path.write_bytes(bytes(range(256)) * 8)
+
+
+@pytest.mark.parametrize("name,write,reason", [
+    ("empty.safetensors", lambda p: p.write_bytes(b""), "(the file is empty)"),
+    ("noise.safetensors", _random_bytes, "not a readable safetensors file"),
+    ("noise.pt", _random_bytes, "not a readable checkpoint"),
+    ("empty.pt", lambda p: p.write_bytes(b""), "not a readable checkpoint (the file is empty)"),
+    ("text.pth", lambda p: p.write_text("weights: [1, 2, 3]\n"), "not a readable checkpoint"),
+    ("values.pt", lambda p: torch.save({"fc.weight": [1.0, 2.0], "epoch": 3}, p),
+     "holds fc.weight: list, not a tensor"),
+])
+def test_bad_checkpoints_are_one_clear_error(tmp_path: Path, name: str, write: object,
+                                             reason: str) -> None:
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(ArgumentError) as info:
+        load_model("resnet18", str(path))
+    assert info.value.argument == "weights" and reason in info.value.problem, info.value
+    assert "code" not in info.value.problem  # only pickles with code are called that
