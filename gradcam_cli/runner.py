@@ -26,6 +26,7 @@ from .errors import GradcamError, InputError, quoted
 from .explanation import ZeroGradientError
 from .inputs import BadInput
 from .io import atomic_write, image_id, json_bytes, json_text, load_image, prepare_output_dir
+from .memory import collect_garbage
 from .models import file_sha256
 
 Item = str | Path | BadInput
@@ -91,6 +92,7 @@ def run(task: Task, images: Sequence[Item], output_dir: str | Path, batch_size: 
                 first = first and not good
                 written.queue.append(writer.submit(_write_batch, task, batch, results, out))
                 yield from written.report(keep=int(task.writes_beside))  # one beside the next
+                collect_garbage()  # dead grid figures sit in reference cycles (memory.py)
                 if stop():
                     break
         except GeneratorExit:
