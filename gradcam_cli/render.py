@@ -69,7 +69,9 @@ def grid_image(columns: Sequence[str], rows: Sequence[tuple[str, Sequence[np.nda
         wrapped = "\n".join(textwrap.fill(line, 18) for line in label.splitlines())
         fig.text(4 / width, 1 - middle / height, wrapped, fontsize=8, va="center")
     canvas.draw()
-    grid = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    drawn = np.asarray(canvas.buffer_rgba())[..., :3]
+    grid = np.full((height, width, 3), 255, dtype=np.uint8)  # exact size, however matplotlib rounds
+    grid[:min(height, drawn.shape[0]), :min(width, drawn.shape[1])] = drawn[:height, :width]
     for r, (_, images) in enumerate(rows):
         top = TITLE_HEIGHT + r * (cell_h + GAP)
         for c, image in enumerate(images):
