@@ -34,8 +34,9 @@ import torch
 from PIL import Image
 
 from . import metrics as MT
+from .choices import BASELINES
 from .engine import evaluating
-from .errors import ArgumentError, InputError
+from .errors import InputError, unknown
 from .explanation import Explanation, explain
 from .io import atomic_write, json_bytes, png_bytes
 from .methods import DEFAULT_METHODS
@@ -78,8 +79,8 @@ def evaluate(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     included, so the table still covers it. ``write_summary`` turns the records into the
     averaged table.
     """
-    if baseline not in MT.BASELINES:
-        raise ArgumentError("baseline", baseline, f"choose from {', '.join(MT.BASELINES)}")
+    if baseline not in BASELINES:
+        raise unknown("baseline", baseline, BASELINES)
     chosen = resolve_layer(model, layer)
     settings = Settings(chosen, methods, steps, baseline, tolerance, sanity, batch_size)
     task = Evaluation(model, settings, topk, class_ids, truth, progress)

@@ -12,9 +12,6 @@ import numpy as np
 import torch
 from torchvision.transforms import functional as TF
 
-from .choices import BASELINES
-from .errors import unknown
-
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # Bx3xHxW inputs -> B scores of one class
 BLUR_KERNEL, BLUR_SIGMA = 11, 5.0  # RISE's insertion substrate
 
@@ -29,14 +26,12 @@ def saliency_of(values: torch.Tensor) -> torch.Tensor:
 def baseline_of(image: torch.Tensor, baseline: str) -> torch.Tensor:
     """What removed pixels become, in the model's input space: a blurred copy of the image
     ("blur"), its per-channel mean colour ("mean"), or zero ("zero", the normalisation's mean
-    colour)."""
+    colour); ``evaluate`` has checked ``baseline``."""
     if baseline == "blur":
         return TF.gaussian_blur(image, [BLUR_KERNEL, BLUR_KERNEL], [BLUR_SIGMA, BLUR_SIGMA])
     if baseline == "mean":
         return image.mean(dim=(-2, -1), keepdim=True).expand_as(image).clone()
-    if baseline == "zero":
-        return torch.zeros_like(image)
-    raise unknown("baseline", baseline, BASELINES)
+    return torch.zeros_like(image)  # "zero"
 
 
 def perturbation_curve(score: Scorer, image: torch.Tensor, saliency: torch.Tensor,

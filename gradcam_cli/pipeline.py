@@ -34,7 +34,7 @@ from .models import LoadedModel, blank_input, default_layer, layer_layout, stage
 from .proxies import Candidates
 from .render import grid_image, map_image
 from .runner import Item, Loaded, Task, run
-from .targets import SIMILARITIES, Chooser, top_proxies
+from .targets import Chooser, proxy_targets
 
 
 def resolve_layer(model: LoadedModel, layer: str | None) -> str:
@@ -108,12 +108,10 @@ def embed(model: LoadedModel, images: Sequence[Item], candidates: Candidates,
     With ``layers`` the rows are candidate x layer, as in ``compare_layers``.
     """
     names = resolve_layers(model, layers) if layers else [resolve_layer(model, layer)]
-    if similarity not in SIMILARITIES:
-        raise ArgumentError("similarity", similarity, f"choose from {', '.join(SIMILARITIES)}")
+    bind = proxy_targets(similarity, topk)  # checks both before any image is read
 
     def target(paths: list[Path]) -> Chooser:
-        vectors, valid = candidates.for_images(paths)
-        return top_proxies(vectors, similarity, topk, valid)
+        return bind(*candidates.for_images(paths))
     where = "layers" if layers else names[0]
     job = Job(model, names, topk, (), methods, by_layer=bool(layers),
               tag=f"{model.arch}@{where}-embed", batch_size=batch_size, progress=progress,

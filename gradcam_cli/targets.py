@@ -20,7 +20,7 @@ from .errors import ArgumentError, ArgumentTypeError, unknown
 
 def _similarity(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
     """y·p ("dot") or cos(y, p) ("cosine") over the last dimension, broadcasting the others;
-    ``top_proxies`` has checked ``kind``."""
+    ``proxy_targets`` has checked ``kind``."""
     if kind == "dot":
         return (a * b).sum(dim=-1)
     return F.cosine_similarity(a, b, dim=-1, eps=1e-12)
@@ -63,6 +63,29 @@ def top_classes(topk: int = 3, class_ids: Sequence[int] = ()) -> Chooser:
     return choose
 
 
+def proxy_targets(similarity: str = "dot", topk: int = 3
+                  ) -> Callable[[torch.Tensor, torch.Tensor | None], Chooser]:
+    """Check ``similarity`` ("dot" or "cosine") and ``topk`` once, and return what turns a
+    batch's proxies (and the ones each image may use) into its chooser (``top_proxies``)."""
+    if similarity not in SIMILARITIES:
+        raise unknown("similarity", similarity, SIMILARITIES)
+    if topk < 1:
+        raise ArgumentError("topk", topk, "must be at least 1")
+
+    def bind(proxies: torch.Tensor, valid: torch.Tensor | None = None) -> Chooser:
+        def choose(embeddings: torch.Tensor) -> Target:
+            per_image = proxies if proxies.dim() == 3 else proxies.expand(len(embeddings), -1, -1)
+            table = _similarity(embeddings[:, None, :].float(), per_image.float(), similarity)
+            if valid is not None:
+                table = table.masked_fill(~valid, float("-inf"))
+            k = min(topk, table.shape[1])
+            chosen = table.topk(k, dim=1).indices
+            picked = per_image.gather(1, chosen[..., None].expand(-1, -1, per_image.shape[2]))
+            return Target(table, chosen, picked.to(embeddings.dtype), similarity)
+        return choose
+    return bind
+
+
 def top_proxies(proxies: torch.Tensor, similarity: str = "dot", topk: int = 3,
                 valid: torch.Tensor | None = None) -> Chooser:
     """Explain the k proxies most similar (``similarity``: "dot" or "cosine") to each image's
@@ -71,21 +94,7 @@ def top_proxies(proxies: torch.Tensor, similarity: str = "dot", topk: int = 3,
     ``proxies`` is PxD, shared by all images, or NxPxD when each image has its own (a query
     left out of its own class's proxy); ``valid`` (NxP) marks proxies an image may use.
     """
-    if similarity not in SIMILARITIES:
-        raise unknown("similarity", similarity, SIMILARITIES)
-    if topk < 1:
-        raise ArgumentError("topk", topk, "must be at least 1")
-
-    def choose(embeddings: torch.Tensor) -> Target:
-        per_image = proxies if proxies.dim() == 3 else proxies.expand(len(embeddings), -1, -1)
-        table = _similarity(embeddings[:, None, :].float(), per_image.float(), similarity)
-        if valid is not None:
-            table = table.masked_fill(~valid, float("-inf"))
-        k = min(topk, table.shape[1])
-        chosen = table.topk(k, dim=1).indices
-        picked = per_image.gather(1, chosen[..., None].expand(-1, -1, per_image.shape[2]))
-        return Target(table, chosen, picked.to(embeddings.dtype), similarity)
-    return choose
+    return proxy_targets(similarity, topk)(proxies, valid)
 
 
 def choose_classes(logits: torch.Tensor, topk: int, class_ids: Sequence[int] = ()) -> torch.Tensor:

@@ -175,3 +175,10 @@ def test_skip_existing_reuses_earlier_numbers_only_for_the_same_settings(tmp_pat
     other = list(evaluate(model, paths, tmp_path / "out", methods=["gradcam"], steps=4,
                           skip_existing=True))
     assert [r["status"] for r in other] == ["ok", "ok"]
+
+
+def test_unknown_baseline_is_refused_before_any_image(tmp_path: Path) -> None:
+    model = as_model(resnet10())
+    with pytest.raises(ValueError, match=r"^baseline='blurr': unknown baseline; did you mean blur\?"):
+        evaluate(model, [tmp_path / "missing.png"], tmp_path / "out", baseline="blurr")
+    assert not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 from gradcam_cli.errors import UsageError
 from gradcam_cli.models import LoadedModel, load_embedder
+from gradcam_cli.pipeline import embed
 from gradcam_cli.proxies import Candidates, Exemplars, normalised_mean, read_exemplars, single_proxy
 
 from .conftest import make_image
@@ -97,3 +99,16 @@ def test_bad_arguments_are_value_errors_naming_the_python_argument(tmp_path: Pat
             call()
         assert isinstance(caught.value, ValueError)
         assert str(caught.value).startswith(message) and "--" not in str(caught.value), message
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"similarity": "euclid"}, "similarity='euclid': unknown similarity; choose from dot, cosine"),
+    ({"topk": 0}, "topk=0: must be at least 1"),
+])
+def test_embed_refuses_bad_arguments_before_any_image(tmp_path: Path, kwargs: dict,
+                                                      message: str) -> None:
+    model = load_embedder("resnet18", "none")
+    candidates = Candidates(["a", "b"], torch.eye(2, 512))
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        embed(model, [tmp_path / "missing.png"], candidates, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
