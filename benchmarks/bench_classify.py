@@ -16,6 +16,7 @@ from torchvision.models import get_model
 
 from gradcam_cli import explain
 from gradcam_cli.models import default_layer
+from gradcam_cli.preprocess import Preprocess
 
 
 def floor(model: torch.nn.Module, x: torch.Tensor, classes: list[int], backwards: int) -> None:
@@ -61,7 +62,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = get_model(args.arch, weights=None).eval()
     x = torch.randn(1, 3, args.size, args.size)
-    layer_name = default_layer(args.arch, model, args.size)
+    layer_name = default_layer(args.arch, model, Preprocess((args.size,) * 2, (0.5,) * 3, (0.5,) * 3))
     layer = dict(model.named_modules())[layer_name]
     classes = model(x).topk(3).indices[0].tolist()
 

@@ -56,13 +56,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_folder(Path(tmp), args.images)
         tasks = {"bare": lambda: bare(model.module.eval(), args.images, args.batch_size,
-                                      model.preprocess.crop),
+                                      model.preprocess.input_size[0]),
                  "gradcam": lambda: list(classify(model, paths, Path(tmp) / "out", topk=1,
                                                   methods=["gradcam"], batch_size=args.batch_size))}
         if args.memory_of:
             report_memory(tasks[args.memory_of])
             return
-        bare(model.module.eval(), args.batch_size, args.batch_size, model.preprocess.crop)  # warm-up
+        bare(model.module.eval(), args.batch_size, args.batch_size, model.preprocess.input_size[0])  # warm-up
         base = tasks["bare"]()
         start = time.perf_counter()
         records = tasks["gradcam"]()

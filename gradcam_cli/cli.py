@@ -584,12 +584,12 @@ def layers(arch: str) -> None:
 
     with redirect_stdout(sys.stderr):  # stdout carries the listing only
         model = load_model(arch, "none")
-    size = model.preprocess.crop
-    default = default_layer(arch, model.module, size)
-    stages = stage_layers(arch, model.module, size)
-    click.echo(f"{arch} at {size}x{size}; * marks the default target layer, s the stages "
+    default = default_layer(arch, model.module, model.preprocess)
+    stages = stage_layers(arch, model.module, model.preprocess)
+    height, width = model.preprocess.input_size
+    click.echo(f"{arch} at {height}x{width}; * marks the default target layer, s the stages "
                "(compare-layers' default)")
-    for name, shape in spatial_layers(model.module, size):
+    for name, shape in spatial_layers(model.module, model.preprocess):
         mark = ("*" if name == default else " ") + ("s" if name in stages else " ")
         click.echo(f"{mark} {name:<48} {'x'.join(map(str, shape[1:]))}")
     if arch.startswith("vit_"):

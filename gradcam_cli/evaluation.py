@@ -120,9 +120,9 @@ class Evaluation(Task):
         original to crop pixels."""
         mask = None
         if self.truth is not None:
-            crop = self.model.preprocess.crop_image(self.truth.mask_for(path, image.size), nearest=True)
+            crop = self.model.preprocess.mask_pixels(self.truth.mask_for(path, image.size))
             mask = torch.from_numpy(np.asarray(crop) > 127)
-        return self.model.preprocess.crop_image(image), mask, self.model.preprocess.scale(image.size)
+        return self.model.preprocess.model_pixels(image), mask, self.model.preprocess.scale(image.size)
 
     def explain(self, batch: list[Loaded]) -> tuple[torch.Tensor, Explanation]:
         """The batch's inputs and its maps."""
@@ -146,8 +146,9 @@ class Evaluation(Task):
         for k, class_id in enumerate(result.classes[i].tolist()):
             score = _scorer(self.model.module, class_id)
             original = float(result.scores[i, class_id])
+            radii = (run.tolerance * scale[0], run.tolerance * scale[1])
             rows = {m: _measure(score, x[i], MT.saliency_of(result.maps[m][i, k]), base, original,
-                                mask, run.tolerance * scale, run) for m in run.methods}
+                                mask, radii, run) for m in run.methods}
             classes.append({"rank": k + 1, "class_id": class_id,
                             "name": self.model.categories[class_id],
                             "probability": round(original, 6), "metrics": rows})
@@ -164,7 +165,8 @@ class Evaluation(Task):
 
 
 def _measure(score: MT.Scorer, x: torch.Tensor, saliency: torch.Tensor, base: torch.Tensor,
-             original: float, mask: torch.Tensor | None, tolerance: float, run: Settings) -> dict:
+             original: float, mask: torch.Tensor | None, tolerance: tuple[float, float],
+             run: Settings) -> dict:
     """The metrics of one map: curves and AUCs, confidence change, pointing games."""
     curves = [MT.perturbation_curve(score, x, saliency, base, run.steps, insert, run.batch_size)
               for insert in (False, True)]

@@ -60,20 +60,6 @@ def check_pixels(path: str | Path, size: tuple[int, int]) -> None:
                          f"({size[0]}x{size[1]}; the limit is {MAX_PIXELS:,})")
 
 
-def check_resize(size: tuple[int, int], shorter: int) -> None:
-    """Refuse an image that resizing its shorter side to ``shorter`` would make larger than
-    MAX_PIXELS: a thin 60000x1 PNG of a few hundred bytes would become 15360000x256.
-
-    The message starts with the image's size; the caller knows the file's name.
-    """
-    longer = int(shorter * max(size) / max(min(size), 1))  # torchvision's resize truncates
-    if longer * shorter > MAX_PIXELS:
-        wide = size[0] >= size[1]
-        raise InputError(f"{size[0]}x{size[1]} pixels: resized to {shorter} on its shorter side it "
-                         f"would be {longer if wide else shorter}x{shorter if wide else longer}, too many "
-                         f"pixels (the limit is {MAX_PIXELS:,}); crop it to a less elongated shape")
-
-
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert grayscale, 16-bit, float, palette, alpha and CMYK images to RGB (alpha over white)."""
     if image.mode == "F":

@@ -68,14 +68,22 @@ def confidence_change(score: Scorer, image: torch.Tensor, saliency: torch.Tensor
     return max(0.0, original - masked) / original, masked > original
 
 
-def pointing_hit(saliency: torch.Tensor, mask: torch.Tensor, tolerance: float) -> bool | None:
+def pointing_hit(saliency: torch.Tensor, mask: torch.Tensor,
+                 tolerance: float | tuple[float, float]) -> bool | None:
     """Zhang et al. 2016's pointing game: does the map's maximum (the first, in pixel order)
-    lie within ``tolerance`` pixels of the object? None when the mask has no object."""
+    lie within ``tolerance`` pixels of the object? None when the mask has no object.
+
+    ``tolerance`` is a radius, or (across, down) radii when the image was squashed: a circle
+    of the original image is then an ellipse of the map."""
     inside = mask.nonzero().float()
     if not len(inside):
         return None
     peak = torch.tensor(divmod(int(saliency.flatten().argmax()), saliency.shape[1])).float()
-    return bool((inside - peak).norm(dim=1).min() <= tolerance)
+    across, down = tolerance if isinstance(tolerance, tuple) else (tolerance, tolerance)
+    if across == 0 or down == 0:
+        return bool(mask[int(peak[0]), int(peak[1])])
+    radii = torch.tensor([down, across])
+    return bool(((inside - peak) / radii).norm(dim=1).min() <= 1.0)
 
 
 def energy_in(saliency: torch.Tensor, mask: torch.Tensor) -> float | None:

@@ -6,54 +6,23 @@ import hashlib
 import pickle
 import pickletools
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
-import torchvision.transforms.functional as TF
-from PIL import Image
 from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
 
 from .errors import ArgumentError, unknown
-from .io import check_resize
 from .layout import Layout, probe
+from .preprocess import Preprocess, read_preprocess, sidecar
 
 ARCHITECTURES: tuple[str, ...] = tuple(sorted(list_models(module=torchvision.models)))
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _POOLS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
           nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Resize, centre-crop and normalisation, as torchvision's weights define them."""
-
-    resize: int
-    crop: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: TF.InterpolationMode
-
-    def crop_image(self, image: Image.Image, nearest: bool = False) -> Image.Image:
-        """Return the exact crop the model sees, for the overlays to be drawn on; ``nearest``
-        resizes an object mask with the same geometry, keeping it binary. An image that the
-        resize would make too large (a thin 60000x1 strip) is an InputError, before resizing."""
-
-        check_resize(image.size, self.resize)
-        how = TF.InterpolationMode.NEAREST if nearest else self.interpolation
-        return TF.center_crop(TF.resize(image, [self.resize], interpolation=how, antialias=True),
-                              [self.crop])
-
-    def scale(self, size: tuple[int, int]) -> float:
-        """How many crop pixels one pixel of an image of ``size`` (width, height) becomes."""
-        return self.resize / min(size)
-
-    def to_tensor(self, crop: Image.Image) -> torch.Tensor:
-        """Normalise a crop into the 3xHxW float tensor the model takes."""
-        return TF.normalize(TF.pil_to_tensor(crop).float().div_(255), self.mean, self.std)
 
 
 @dataclass
@@ -72,19 +41,19 @@ class LoadedModel:
         """What about the model determines its maps and their labels, as plain JSON values."""
         names = hashlib.sha256("\n".join(self.categories).encode()).hexdigest()
         return {"arch": self.arch, "weights": self.weights, "weights_sha256": self.weights_sha256,
-                "head": self.head, "classes_sha256": names,
-                "preprocess": {"resize": self.preprocess.resize, "crop": self.preprocess.crop,
-                               "mean": list(self.preprocess.mean), "std": list(self.preprocess.std),
-                               "interpolation": self.preprocess.interpolation.value}}
+                "head": self.head, "classes_sha256": names, "preprocess": self.preprocess.to_dict()}
 
 
 def load_model(arch: str, weights: str = "DEFAULT", num_classes: int | None = None,
                labels: str | Path | None = None, unsafe_load: bool = False,
-               device: str | torch.device = "cpu") -> LoadedModel:
+               device: str | torch.device = "cpu",
+               preprocess: Mapping[str, object] | None = None) -> LoadedModel:
     """Build a torchvision classifier by name with DEFAULT/enum/none/checkpoint weights.
 
     Preprocessing follows the chosen weights' own ``transforms()`` (resnet50's V1 weights
-    resize to 256, V2 to 232); random weights and checkpoints take the DEFAULT weights'.
+    resize to 256, V2 to 232); random weights and checkpoints take the DEFAULT weights'. A
+    checkpoint's own ``model.preprocess.json`` beside it changes that, and ``preprocess``
+    (Preprocess field names to values) changes the result.
     """
     if arch not in ARCHITECTURES:
         raise unknown("arch", arch, ARCHITECTURES, "architecture")
@@ -109,11 +78,15 @@ def load_model(arch: str, weights: str = "DEFAULT", num_classes: int | None = No
     module.eval().to(device)
     outputs = _output_size(module)
     categories = read_labels(labels, outputs) if labels else _default_categories(chosen, outputs)
-    return LoadedModel(arch, module, categories, _preprocess(chosen, module), source, digest)
+    own = _preprocess(chosen, module)
+    if digest is not None and sidecar(weights).is_file():
+        own = read_preprocess(sidecar(weights), own)
+    return LoadedModel(arch, module, categories, own.with_options(**(preprocess or {})), source, digest)
 
 
 def load_embedder(arch: str, weights: str = "DEFAULT", embedding_dim: int | None = None,
-                  unsafe_load: bool = False, device: str | torch.device = "cpu") -> LoadedModel:
+                  unsafe_load: bool = False, device: str | torch.device = "cpu",
+                  preprocess: Mapping[str, object] | None = None) -> LoadedModel:
     """A classifier used as an embedding network, its head (the last linear layer) replaced.
 
     With ``embedding_dim`` the head becomes a linear map to that many dimensions, and a
@@ -121,13 +94,13 @@ def load_embedder(arch: str, weights: str = "DEFAULT", embedding_dim: int | None
     the head becomes the identity and the penultimate features are the embedding.
     """
     if embedding_dim is None:
-        model = load_model(arch, weights, unsafe_load=unsafe_load)
+        model = load_model(arch, weights, unsafe_load=unsafe_load, preprocess=preprocess)
         _replace_head(model.module, lambda _old: nn.Identity())
     else:
         if not (_is_checkpoint(weights) or weights.lower() == "none"):
             raise ArgumentError("embedding_dim", embedding_dim, "needs the trained embedding network's "
                                 "checkpoint as weights, or weights 'none'")
-        model = load_model(arch, "none")
+        model = load_model(arch, "none", preprocess=preprocess)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             _replace_head(model.module, lambda old: nn.Linear(old.in_features, embedding_dim))
@@ -314,7 +287,8 @@ def _preprocess(weights: torchvision.models.WeightsEnum, module: nn.Module) -> P
     size = getattr(module, "image_size", crop)
     if size != crop:
         crop, resize = size, round(size * resize / crop)
-    return Preprocess(resize, crop, tuple(t.mean), tuple(t.std), t.interpolation)
+    return Preprocess((crop, crop), tuple(t.mean), tuple(t.std), resize_to=resize,
+                      interpolation=t.interpolation.value)
 
 
 def find_layer(module: nn.Module, name: str, argument: str = "layer") -> nn.Module:
@@ -347,25 +321,27 @@ def layer_layout(module: nn.Module, name: str, example: torch.Tensor, argument: 
     return layout
 
 
-def blank_input(module: nn.Module, size: int) -> torch.Tensor:
-    """A batch of one size x size zero image on the module's device, for probe forwards."""
-    return torch.zeros(1, 3, size, size, device=next(module.parameters()).device)
+def blank_input(module: nn.Module, preprocess: Preprocess) -> torch.Tensor:
+    """A batch of one zero image of the model's input size and channels on the module's
+    device, for probe forwards."""
+    return torch.zeros(1, preprocess.channels, *preprocess.input_size,
+                       device=next(module.parameters()).device)
 
 
-def _grids(module: nn.Module, size: int) -> list[tuple[str, tuple[int, ...], Layout]]:
-    """Layers (pools aside) whose output has a grid of more than one position at a size x size
-    input, with their output shapes and layouts, in the order they finish."""
-    modules, probed = dict(module.named_modules()), probe(module, blank_input(module, size))
+def _grids(module: nn.Module, preprocess: Preprocess) -> list[tuple[str, tuple[int, ...], Layout]]:
+    """Layers (pools aside) whose output has a grid of more than one position at the model's
+    input size, with their output shapes and layouts, in the order they finish."""
+    modules, probed = dict(module.named_modules()), probe(module, blank_input(module, preprocess))
     return [(name, shape, layout) for name, (shape, layout) in probed.items()
             if name and layout and layout.grid != (1, 1) and not isinstance(modules[name], _POOLS)]
 
 
-def spatial_layers(module: nn.Module, size: int) -> list[tuple[str, tuple[int, ...]]]:
+def spatial_layers(module: nn.Module, preprocess: Preprocess) -> list[tuple[str, tuple[int, ...]]]:
     """List layers with a spatial output and their output shapes, in the order they finish."""
-    return [(name, shape) for name, shape, _ in _grids(module, size)]
+    return [(name, shape) for name, shape, _ in _grids(module, preprocess)]
 
 
-def stage_layers(arch: str, module: nn.Module, size: int) -> list[str]:
+def stage_layers(arch: str, module: nn.Module, preprocess: Preprocess) -> list[str]:
     """The network's stages: at the shallowest nesting depth whose blocks span at least three
     grid sizes, the last block to finish at each size (ResNet: layer1..layer4; Swin:
     features.1, .3, .5, .7). Without such blocks (VGG), the same over layers of any kind; for
@@ -373,7 +349,7 @@ def stage_layers(arch: str, module: nn.Module, size: int) -> list[str]:
     if arch.startswith("vit_"):
         depth = len(module.encoder.layers)
         return [f"encoder.layers.encoder_layer_{depth * q // 4 - 1}.ln_1" for q in (1, 2, 3, 4)]
-    layers = [(name, layout.grid) for name, _, layout in _grids(module, size)]
+    layers = [(name, layout.grid) for name, _, layout in _grids(module, preprocess)]
     modules = dict(module.named_modules())
     deepest = max(name.count(".") for name, _ in layers)
     for blocks_only in (True, False):
@@ -385,7 +361,7 @@ def stage_layers(arch: str, module: nn.Module, size: int) -> list[str]:
     return list({grid: name for name, grid in layers}.values())
 
 
-def default_layer(arch: str, module: nn.Module, size: int) -> str:
+def default_layer(arch: str, module: nn.Module, preprocess: Preprocess) -> str:
     """The last block (a module with children) with a spatial output, or a LayerNorm after it
     on a grid (Swin's ``norm``). A LayerNorm ignores any scaling of its input at each position,
     so the block that feeds it alone has Σ_k G·A = 0 everywhere: HiResCAM there is rounding
@@ -393,7 +369,7 @@ def default_layer(arch: str, module: nn.Module, size: int) -> str:
     last to get a gradient."""
     if arch.startswith("vit_"):
         return f"encoder.layers.encoder_layer_{len(module.encoder.layers) - 1}.ln_1"
-    layers = [name for name, _, _ in _grids(module, size)]
+    layers = [name for name, _, _ in _grids(module, preprocess)]
     modules = dict(module.named_modules())
     blocks = [name for name in layers
               if isinstance(modules[name], nn.LayerNorm) or any(True for _ in modules[name].children())]

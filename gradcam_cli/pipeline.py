@@ -41,8 +41,8 @@ def resolve_layer(model: LoadedModel, layer: str | None) -> str:
     """The layer to explain: the architecture's default for None, else the user's, refused
     when empty, unknown, or without a spatial grid of more than one position."""
     if layer is None:
-        return default_layer(model.arch, model.module, model.preprocess.crop)
-    layer_layout(model.module, layer, blank_input(model.module, model.preprocess.crop))
+        return default_layer(model.arch, model.module, model.preprocess)
+    layer_layout(model.module, layer, blank_input(model.module, model.preprocess))
     return layer
 
 
@@ -50,8 +50,8 @@ def resolve_layers(model: LoadedModel, layers: Sequence[str] = ()) -> list[str]:
     """The layers to compare: the architecture's stages when none are given, else the user's,
     each checked as by ``resolve_layer``."""
     if not layers:
-        return stage_layers(model.arch, model.module, model.preprocess.crop)
-    example = blank_input(model.module, model.preprocess.crop)
+        return stage_layers(model.arch, model.module, model.preprocess)
+    example = blank_input(model.module, model.preprocess)
     for name in layers:
         layer_layout(model.module, name, example, "layers")
     return list(layers)
@@ -153,7 +153,7 @@ class Job(Task):
 
     def decode(self, path: Path, image: Image.Image) -> Image.Image:
         """The crop the model sees."""
-        return self.model.preprocess.crop_image(image)
+        return self.model.preprocess.model_pixels(image)
 
     def explain(self, batch: list[Loaded]) -> list[Explanation]:
         """One explanation per layer for the batch, from shared passes."""

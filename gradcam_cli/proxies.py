@@ -96,7 +96,7 @@ def embed_images(model: LoadedModel, paths: Sequence[Path], batch_size: int = 8)
         tensors = []
         for path in paths[start:start + batch_size]:
             try:
-                crop = model.preprocess.crop_image(load_image(path))
+                crop = model.preprocess.model_pixels(load_image(path))
             except InputError as exc:
                 raise UsageError(f"exemplar or reference {exc}; fix or remove it") from exc
             tensors.append(model.preprocess.to_tensor(crop))

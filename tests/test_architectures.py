@@ -114,13 +114,12 @@ def check_architecture(arch: str, methods: Sequence[str] = DEFAULT_METHODS) -> N
     output folded by hand.
     """
     model = load_model(arch, "none")
-    crop = model.preprocess.crop_image(load_image(SAMPLES / "chelsea.png"))
+    crop = model.preprocess.model_pixels(load_image(SAMPLES / "chelsea.png"))
     x = model.preprocess.to_tensor(crop)[None]
     layer = resolve_layer(model, None)
     result = explain(model.module, x, layer, topk=2, methods=methods, batch_size=64)
-    size = model.preprocess.crop
     for method, maps in result.maps.items():
-        assert maps.shape[-2:] == (size, size), (arch, method)
+        assert maps.shape[-2:] == model.preprocess.input_size, (arch, method)
         for k in range(2):
             m, cls = maps[0, k], int(result.classes[0, k])
             assert torch.isfinite(m).all(), (arch, method, k)

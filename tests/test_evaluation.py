@@ -14,10 +14,10 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torchvision.models.resnet import BasicBlock, ResNet
-from torchvision.transforms import InterpolationMode
 
 from gradcam_cli.evaluation import averages, evaluate, write_summary
-from gradcam_cli.models import LoadedModel, Preprocess
+from gradcam_cli.models import LoadedModel
+from gradcam_cli.preprocess import Preprocess
 from gradcam_cli.truth import Truth, read_truth
 
 from .scenes import scenes
@@ -28,7 +28,7 @@ CLASSES = ["square", "plus", "x", "corner"]
 
 def as_model(net: torch.nn.Module) -> LoadedModel:
     """Wrap a network taking SIZE x SIZE images in [0, 1] as a LoadedModel."""
-    preprocess = Preprocess(SIZE, SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), InterpolationMode.BILINEAR)
+    preprocess = Preprocess((SIZE, SIZE), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     return LoadedModel("resnet", net.eval(), CLASSES, preprocess, "test")
 
 

@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from torchvision.transforms import InterpolationMode
 
 from gradcam_cli import GradcamError, InputError
 from gradcam_cli.errors import ArgumentError
-from gradcam_cli.io import MAX_PIXELS, atomic_write, check_resize, image_id, load_image, prepare_output_dir
-from gradcam_cli.models import Preprocess
+from gradcam_cli.io import MAX_PIXELS, atomic_write, image_id, load_image, prepare_output_dir
+from gradcam_cli.preprocess import Preprocess
 
 from .conftest import make_image
 
@@ -149,18 +148,19 @@ def test_pixel_limit_holds_whatever_pillows_setting(tmp_path: Path, monkeypatch:
 
 
 def test_thin_image_is_refused_before_resizing() -> None:
-    preprocess = Preprocess(256, 224, (0.5,) * 3, (0.5,) * 3, InterpolationMode.BILINEAR)
+    preprocess = Preprocess((224, 224), (0.5,) * 3, (0.5,) * 3, resize_to=256)
     # resized so its shorter side is 256, 60000x1 would be (60000 * 256)x256 pixels
     with pytest.raises(InputError, match=r"^60000x1 pixels: .*15360000x256.*too many pixels"):
-        preprocess.crop_image(Image.new("RGB", (60000, 1)))
-    assert preprocess.crop_image(Image.new("RGB", (600, 2))).size == (224, 224)
+        preprocess.model_pixels(Image.new("RGB", (60000, 1)))
+    assert preprocess.model_pixels(Image.new("RGB", (600, 2))).size == (224, 224)
 
 
 def test_resize_limit_edge_is_exact() -> None:
     widest = MAX_PIXELS // (256 * 256)  # w x 1 becomes (256 w) x 256
-    check_resize((widest, 1), 256)
+    preprocess = Preprocess((224, 224), (0.5,) * 3, (0.5,) * 3, resize_to=256)
+    assert preprocess.resized_size((widest, 1)) == (256 * widest, 256)
     with pytest.raises(InputError, match="too many pixels"):
-        check_resize((widest + 1, 1), 256)
+        preprocess.resized_size((widest + 1, 1))
 
 
 def test_image_id_of_a_name_that_is_not_utf8(tmp_path: Path) -> None:

@@ -17,8 +17,11 @@ from gradcam_cli import ARCHITECTURES, UsageError, load_model
 from gradcam_cli.errors import ArgumentError
 from gradcam_cli.models import default_layer, find_layer, spatial_layers, stage_layers
 from gradcam_cli.pipeline import resolve_layer, resolve_layers
+from gradcam_cli.preprocess import Preprocess
 
 from .conftest import SAMPLES
+
+AT_224 = Preprocess((224, 224), (0.5,) * 3, (0.5,) * 3)  # what the layer probes need: size, channels
 
 
 def test_every_torchvision_classifier_is_offered() -> None:
@@ -40,7 +43,7 @@ def test_none_weights_keep_imagenet_names_and_preprocessing() -> None:
     model = load_model("resnet50", "none")
     meta = get_model_weights("resnet50").DEFAULT
     assert model.categories == list(meta.meta["categories"])
-    assert (model.preprocess.resize, model.preprocess.crop) == (232, 224)
+    assert (model.preprocess.resize_to, model.preprocess.input_size) == (232, (224, 224))
     assert model.weights == "none" and not model.module.training
 
 
@@ -49,7 +52,7 @@ def test_preprocessing_equals_torchvision_transforms() -> None:
     for arch in ("resnet18", "efficientnet_b0", "inception_v3"):
         ours = load_model(arch, "none").preprocess
         expected = get_model_weights(arch).DEFAULT.transforms()(image)
-        assert torch.allclose(ours.to_tensor(ours.crop_image(image)), expected, atol=1e-6)
+        assert torch.allclose(ours.to_tensor(ours.model_pixels(image)), expected, atol=1e-6)
 
 
 def test_download_failure_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,12 +122,12 @@ def test_labels_file(tmp_path: Path) -> None:
 ])
 def test_default_layer_is_last_spatial_block(arch: str, expected: str) -> None:
     model = load_model(arch, "none")
-    assert default_layer(arch, model.module, model.preprocess.crop) == expected
+    assert default_layer(arch, model.module, model.preprocess) == expected
 
 
 def test_spatial_layers_have_shapes_and_skip_pooling() -> None:
     model = get_model("resnet18", weights=None)
-    layers = dict(spatial_layers(model, 224))
+    layers = dict(spatial_layers(model, AT_224))
     assert layers["layer4"] == (1, 512, 7, 7) and layers["layer1"] == (1, 64, 56, 56)
     assert "maxpool" not in layers and "avgpool" not in layers and "fc" not in layers
 
@@ -152,7 +155,7 @@ def test_swin_default_layer_gives_hirescam_more_than_rounding_noise() -> None:
         product = (grad * kept["a"]).detach()  # NxHxWxC: channels last
         return float((product.sum(-1).abs() / product.abs().sum(-1)).median())
     assert cancellation("features") < 1e-4
-    assert cancellation(default_layer("swin_t", model, 224)) > 1e-2
+    assert cancellation(default_layer("swin_t", model, AT_224)) > 1e-2
 
 
 @pytest.mark.parametrize(("layer", "problem"), [
@@ -191,10 +194,10 @@ def test_zero_initialised_heads_are_drawn_at_random() -> None:
 ])
 def test_stage_layers_end_each_grid_size(arch: str, expected: list[str]) -> None:
     module = get_model(arch).eval()
-    stages = stage_layers(arch, module, 224)
+    stages = stage_layers(arch, module, AT_224)
     assert stages == expected
     if not arch.startswith("vit_"):  # each stage halves the grid of the one before
-        shapes = dict(spatial_layers(module, 224))
+        shapes = dict(spatial_layers(module, AT_224))
         sides = [shapes[name][1 if arch.startswith("swin") else 2] for name in stages]  # Swin: NHWC
         assert all(sides[i] == 2 * sides[i + 1] for i in range(len(sides) - 1))
 
@@ -215,7 +218,7 @@ def test_every_weights_enum_is_preprocessed_by_its_own_transforms(
     for weights in get_model_weights(arch):
         ours = load_model(arch, weights.name).preprocess
         expected = weights.transforms()(image)
-        assert torch.allclose(ours.to_tensor(ours.crop_image(image)), expected, atol=1e-6), weights
+        assert torch.allclose(ours.to_tensor(ours.model_pixels(image)), expected, atol=1e-6), weights
 
 
 def test_enum_weights_build_the_network_they_were_trained_as(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -227,10 +230,11 @@ def test_enum_weights_build_the_network_they_were_trained_as(monkeypatch: pytest
             if arch.startswith("vit") else get_model(arch).state_dict()
     monkeypatch.setattr("torchvision.models._api.WeightsEnum.get_state_dict", random_state)
     v1 = load_model("resnet50", "IMAGENET1K_V1")
-    assert (v1.preprocess.resize, v1.preprocess.crop, v1.weights) == (256, 224, "IMAGENET1K_V1")
+    assert (v1.preprocess.resize_to, v1.preprocess.input_size) == (256, (224, 224))
+    assert v1.weights == "IMAGENET1K_V1"
     swag = load_model("vit_b_16", "IMAGENET1K_SWAG_E2E_V1")
-    assert (swag.preprocess.resize, swag.preprocess.crop) == (384, 384)
-    assert swag.preprocess.interpolation == torchvision.transforms.InterpolationMode.BICUBIC
+    assert (swag.preprocess.resize_to, swag.preprocess.input_size) == (384, (384, 384))
+    assert swag.preprocess.interpolation == "bicubic"
     assert swag.module.image_size == 384
 
 

@@ -14,7 +14,8 @@ from torchvision.models import get_model
 from gradcam_cli import classify
 from gradcam_cli.errors import GradcamError
 from gradcam_cli.explanation import ZeroGradientError, explain
-from gradcam_cli.models import LoadedModel, Preprocess
+from gradcam_cli.models import LoadedModel
+from gradcam_cli.preprocess import Preprocess
 
 from .conftest import make_image
 from .test_cli import run
@@ -98,8 +99,7 @@ class Gate(nn.Module):
 
 
 def gate_model() -> LoadedModel:
-    from torchvision.transforms import InterpolationMode
-    preprocess = Preprocess(16, 16, (0.5,) * 3, (0.5,) * 3, InterpolationMode.BILINEAR)
+    preprocess = Preprocess((16, 16), (0.5,) * 3, (0.5,) * 3)
     return LoadedModel("gate", Gate().eval(), ["open", "shut"], preprocess, "none")
 
 
