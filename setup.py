@@ -8,7 +8,8 @@ version = next(line.split('"')[1] for line in Path("gradcam_cli/__init__.py").re
 setup(
     name="gradcam",
     version=version,
-    description="Explain vision networks: gradient maps and the Grad-CAM family for torchvision models",
+    description="Explain vision networks: gradient maps and the Grad-CAM family for torchvision, timm, "
+                "Hugging Face and your own models",
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
     license="MIT",
@@ -25,10 +26,12 @@ setup(
     ],
     extras_require={
         "safetensors": ["safetensors>=0.3"],
+        "timm": ["timm>=1.0"],          # --arch timm/NAME
+        "hf": ["transformers>=5.0"],    # --arch hf/PATH_OR_ID
         # torchcam pinned: tests/test_methods_torchcam.py reproduces 0.5.0's own conventions;
         # 0.5.0 needs Python >= 3.11, so .ci/lowest-python (3.10) runs every test file but that one
         "test": ["pytest>=7", "captum>=0.7", "grad-cam>=1.5", "torchcam==0.5.0; python_version >= '3.11'",
-                 "safetensors>=0.3",
+                 "safetensors>=0.3", "timm>=1.0", "transformers>=5.0",
                  "scipy>=1.8", "ruff>=0.4"],
         "bench": ["captum>=0.7", "grad-cam>=1.5", "torchcam>=0.4"],
     },

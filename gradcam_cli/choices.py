@@ -4,3 +4,6 @@
 BASELINES = ("blur", "mean", "zero")  # what evaluate's removed pixels become
 PROXY_KINDS = ("mean", "single")      # how embed turns a class's exemplars into a proxy
 SIMILARITIES = ("dot", "cosine")      # the score embed explains
+RESIZES = ("shorter", "squash", "none")          # how an image is brought to the input size
+CROPS = ("center", "none")                       # what is cut from the resized image
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")

@@ -16,7 +16,8 @@ import click
 from tqdm import tqdm
 
 from . import __version__
-from .choices import BASELINES, PROXY_KINDS, SIMILARITIES
+from .choices import BASELINES, CROPS, INTERPOLATIONS, PROXY_KINDS, RESIZES, SIMILARITIES
+from .classes import SCORES
 from .cleanup import remove_temporaries
 from .errors import ArgumentError, GradcamError, UsageError, quoted
 from .inputs import BadInput, expand, parse_shard, read_image_list
@@ -130,7 +131,11 @@ FLAGS = {  # library argument -> the option that sets it
     "tolerance": "--tolerance", "steps": "--steps", "baseline": "--baseline",
     "similarity": "--similarity", "proxy_kind": "--proxy", "proxy_file": "--proxy-file",
     "proxy_dir": "--proxies", "references": "--reference", "embedding_dim": "--embedding-dim",
-    "device": "--cuda",
+    "device": "--cuda", "class_names": "--class-name", "targets": "--targets", "score": "--score",
+    "negative": "--negative",
+    "input_size": "--input-size", "resize": "--resize", "crop": "--crop", "mean": "--mean",
+    "std": "--std", "channels": "--channels", "interpolation": "--interpolation",
+    "preprocess": "--preprocess",
 }
 
 
@@ -169,7 +174,9 @@ def option_group(*options: Callable[[Callable], Callable]) -> Callable[[Callable
 
 
 arch_option = click.option("--arch", required=True, metavar="NAME",
-                           help="A torchvision classifier, e.g. resnet152 (see torchvision.models).")
+                           help="A torchvision classifier (resnet152), timm/NAME (any timm model), "
+                                "hf/PATH_OR_ID (a Hugging Face image classifier) or "
+                                "module:PACKAGE.MODULE:FACTORY (your own network).")
 weights_option = click.option("--weights", default="DEFAULT", show_default=True,
                               help="DEFAULT, a weights name (IMAGENET1K_V2), none (random), "
                                    "or a .pt/.pth/.safetensors checkpoint path.")
@@ -177,13 +184,77 @@ unsafe_option = click.option("--unsafe-load", is_flag=True,
                              help="Allow a checkpoint that holds pickled Python objects (can run code).")
 cuda_option = click.option("--cuda/--no-cuda", default=None, help="Run on CUDA (default: when available).")
 
+PREPROCESS = "gradcam.preprocess"  # ctx.meta: the preprocessing options given, by Preprocess field
+PREPROCESS_FILE = "file"            # ... and --preprocess FILE under this key
+PREPROCESS_SAID = "gradcam.preprocess.said"  # ctx.meta: the line saying what preprocessing is used
+DEFAULTS_FROM = {"timm/": "timm's data config", "hf/": "the image processor", "module:": ""}
+
+
+def keep_preprocessing(field: str, parse: Callable[[str], object] = str
+                       ) -> Callable[[click.Context, click.Parameter, str | None], None]:
+    """A callback keeping a preprocessing option's parsed value in ``ctx.meta``, so the
+    commands' signatures stay as they are; ``preprocessed`` reads them where the model loads."""
+    def keep(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            ctx.meta.setdefault(PREPROCESS, {})[field] = parse(value)
+    return keep
+
+
+def parse_size(text: str) -> tuple[int, ...]:
+    """--input-size H or H,W."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ArgumentError("input_size", text, "one or two positive integers, H or H,W (height, width)")
+    return tuple(int(p) for p in parts)
+
+
+def parse_numbers(field: str) -> Callable[[str], tuple[float, ...]]:
+    """--mean / --std a,b,c; their count is checked against the channels once the model loads."""
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            return tuple(float(p) for p in text.split(","))
+        except ValueError:
+            raise ArgumentError(field, text, "numbers separated by commas, one per channel") from None
+    return parse
+
+
+preprocess_options = option_group(
+    click.option("--input-size", metavar="H[,W]", expose_value=False,
+                 callback=keep_preprocessing("input_size", parse_size),
+                 help="The model's input in pixels, height,width (one number: square); default: "
+                      "the weights'."),
+    click.option("--resize", type=click.Choice(RESIZES), expose_value=False,
+                 callback=keep_preprocessing("resize"),
+                 help="shorter: scale the shorter side (keeping the resize-to-crop ratio of the "
+                      "weights), then crop; squash: to the input size, ignoring the aspect; none."),
+    click.option("--crop", type=click.Choice(CROPS), expose_value=False,
+                 callback=keep_preprocessing("crop"),
+                 help="center: cut the input size from the middle; none: the resized image must "
+                      "be the input size."),
+    click.option("--mean", metavar="A,B,C", expose_value=False,
+                 callback=keep_preprocessing("mean", parse_numbers("mean")),
+                 help="Per-channel mean subtracted from pixels in [0, 1] (one value with --channels 1)."),
+    click.option("--std", metavar="A,B,C", expose_value=False,
+                 callback=keep_preprocessing("std", parse_numbers("std")),
+                 help="Per-channel standard deviation the pixels are then divided by."),
+    click.option("--channels", type=click.Choice(("1", "3")), expose_value=False,
+                 callback=keep_preprocessing("channels", int),
+                 help="3 (RGB) or 1 (a grayscale model: the pixels are converted to gray)."),
+    click.option("--interpolation", type=click.Choice(INTERPOLATIONS), expose_value=False,
+                 callback=keep_preprocessing("interpolation"), help="How images are resized."),
+    click.option("--preprocess", metavar="FILE", expose_value=False,
+                 callback=keep_preprocessing(PREPROCESS_FILE),
+                 help="A JSON of preprocessing fields; flags win over it, it over the checkpoint's "
+                      "own model.preprocess.json."),
+)
+
 model_options = option_group(
     arch_option, weights_option,
     click.option("--num-classes", type=click.IntRange(min=1),
                  help="Classes of a checkpoint's head when not ImageNet's 1000."),
     click.option("--labels", type=click.Path(dir_okay=False),
                  help="Class names, one per line, for a checkpoint's head."),
-    unsafe_option, cuda_option,
+    unsafe_option, cuda_option, preprocess_options,
 )
 
 embedder_options = option_group(
@@ -191,7 +262,7 @@ embedder_options = option_group(
     click.option("--embedding-dim", type=click.IntRange(min=1), metavar="D",
                  help="Replace the head by a linear map to D dimensions (loaded from --weights); "
                       "default: the penultimate features are the embedding."),
-    unsafe_option, cuda_option,
+    unsafe_option, cuda_option, preprocess_options,
 )
 
 
@@ -236,13 +307,36 @@ method_option = click.option(
 
 
 def class_options(topk: int) -> Callable[[Callable], Callable]:
-    """--topk (with the command's default) and --class-id."""
+    """--topk (with the command's default), --class-id, --class-name, --targets, --score and
+    --negative: which classes each image explains, how they are scored, and which side."""
     return option_group(
-        click.option("--topk", default=topk, show_default=True, type=click.IntRange(min=1),
-                     help="Explain each image's k most probable classes."),
+        click.option("--topk", type=click.IntRange(min=1),
+                     help=f"Explain each image's k highest-scoring classes (default {topk}, at most "
+                          "the head's classes)."),
         click.option("--class-id", "class_ids", multiple=True, type=click.IntRange(min=0),
                      help="Explain this class instead of the top-k; repeatable."),
+        click.option("--class-name", "class_names", multiple=True, metavar="NAME",
+                     help="Explain the class of this name (exact, or case and underscores aside "
+                          "when unambiguous); repeatable."),
+        click.option("--targets", metavar="FILE|folder",
+                     help="Each image's own classes: a CSV image,class (class an id or a name; a "
+                          "row per class), or folder: the image's parent folder names its class."),
+        click.option("--score", type=click.Choice(SCORES),
+                     help="The class score reported: softmax (default), sigmoid (multi-label "
+                          "heads; a one-output head's default), or the logit. Classes are ranked "
+                          "by logit, in the same order."),
+        click.option("--negative", is_flag=True,
+                     help="Explain the other side: minus the class logit (a one-output head's "
+                          "negative class; for others, what speaks against the class)."),
     )
+
+
+def top_k(model: LoadedModel, default: int, topk: int | None, targets: str | None) -> int:
+    """--topk as given, or the command's default capped at the head's classes (a one-output
+    head has one); refused beside --targets, which gives each image its own classes."""
+    if topk is not None and targets is not None:
+        raise UsageError(f"--topk {topk}: --targets gives each image its own classes; leave out --topk")
+    return topk if topk is not None else min(default, len(model.categories))
 
 
 @main.command(epilog=EXIT_CODES)
@@ -254,7 +348,7 @@ def class_options(topk: int) -> Callable[[Callable], Callable]:
 @method_option
 def classify(arch: str, weights: str, num_classes: int | None, labels: str | None,
              unsafe_load: bool, cuda: bool | None, layer: str | None, methods: tuple[str, ...],
-             topk: int, class_ids: tuple[int, ...], **options: object) -> None:
+             topk: int | None, class_ids: tuple[int, ...], **options: object) -> None:
     """Explain the top-k classes of a classifier with five maps per class."""
     from .methods import DEFAULT_METHODS
     from .models import load_model
@@ -267,8 +361,9 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
             click.echo(f"gradcam: target layer {chosen} (default for {model.arch}; "
                        "change with --layer)", err=True)
         return partial(classify_images, layer=chosen, methods=methods or DEFAULT_METHODS,
-                       topk=topk, class_ids=class_ids)
-    load = partial(load_model, arch, weights, num_classes, labels, unsafe_load, pick_device(cuda))
+                       topk=top_k(model, 3, topk, options["targets"]), class_ids=class_ids)
+    load = preprocessed(partial(load_model, arch, weights, num_classes, labels, unsafe_load,
+                                pick_device(cuda)), arch, weights)
     run_images(load, start, **options)
 
 
@@ -284,7 +379,7 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
               help="CAM methods to compute, comma-separated or repeated (default: gradcam).")
 def compare_layers(arch: str, weights: str, num_classes: int | None, labels: str | None,
                    unsafe_load: bool, cuda: bool | None, layers: str | None,
-                   methods: tuple[str, ...], topk: int, class_ids: tuple[int, ...],
+                   methods: tuple[str, ...], topk: int | None, class_ids: tuple[int, ...],
                    **options: object) -> None:
     """Compare CAM maps across layers: a row per layer, a column per method."""
     from .models import load_model
@@ -297,8 +392,9 @@ def compare_layers(arch: str, weights: str, num_classes: int | None, labels: str
             click.echo(f"gradcam: layers {', '.join(names)} (the stages of {model.arch}; "
                        "change with --layers)", err=True)
         return partial(compare_images, layers=names, methods=methods or ("gradcam",),
-                       topk=topk, class_ids=class_ids)
-    load = partial(load_model, arch, weights, num_classes, labels, unsafe_load, pick_device(cuda))
+                       topk=top_k(model, 1, topk, options["targets"]), class_ids=class_ids)
+    load = preprocessed(partial(load_model, arch, weights, num_classes, labels, unsafe_load,
+                                pick_device(cuda)), arch, weights)
     run_images(load, start, **options)
 
 
@@ -325,7 +421,7 @@ def compare_layers(arch: str, weights: str, num_classes: int | None, labels: str
                    "explanation per block of the network).")
 def evaluate(arch: str, weights: str, num_classes: int | None, labels: str | None,
              unsafe_load: bool, cuda: bool | None, layer: str | None, methods: tuple[str, ...],
-             topk: int, class_ids: tuple[int, ...], steps: int, baseline: str, masks: str | None,
+             topk: int | None, class_ids: tuple[int, ...], steps: int, baseline: str, masks: str | None,
              boxes: str | None, tolerance: float, sanity: bool, **options: object) -> None:
     """Measure how faithful the maps are: deletion/insertion AUC, Average Drop/Increase,
     pointing games with --masks/--boxes, and the randomisation test with --sanity."""
@@ -341,8 +437,9 @@ def evaluate(arch: str, weights: str, num_classes: int | None, labels: str | Non
 
     def start(model: LoadedModel, _items: list) -> Callable[..., Iterator[dict]]:
         chosen = resolve_layer(model, layer)
-        tag["name"] = f"{model.arch}@{chosen}"
-        return partial(evaluate_images, layer=chosen, topk=topk, class_ids=class_ids,
+        tag["name"] = f"{model.folder_name}@{chosen}"
+        return partial(evaluate_images, layer=chosen, topk=top_k(model, 1, topk, options["targets"]),
+                       class_ids=class_ids,
                        methods=methods or DEFAULT_METHODS, steps=steps, baseline=baseline,
                        truth=truth, tolerance=tolerance, sanity=sanity)
 
@@ -352,7 +449,8 @@ def evaluate(arch: str, weights: str, num_classes: int | None, labels: str | Non
             where = Path(options["output_dir"]) / f"evaluate-{tag['name']}"
             click.echo(format_averages(table), err=as_json)
             click.echo(f"  -> {where}.csv/.json/-curves.png", err=as_json)
-    load = partial(load_model, arch, weights, num_classes, labels, unsafe_load, pick_device(cuda))
+    load = preprocessed(partial(load_model, arch, weights, num_classes, labels, unsafe_load,
+                                pick_device(cuda)), arch, weights)
     run_images(load, start, report=_print_evaluated, finish=finish, **options)
 
 
@@ -420,7 +518,8 @@ def embed(ctx: click.Context, arch: str, weights: str, embedding_dim: int | None
             candidates, k = Candidates.from_exemplars(exemplars, proxy_kind), topk or 3
         return partial(embed_images, candidates=candidates, layer=layer, layers=names, topk=k,
                        methods=methods or DEFAULT_METHODS, similarity=similarity)
-    load = partial(load_embedder, arch, weights, embedding_dim, unsafe_load, pick_device(cuda))
+    load = preprocessed(partial(load_embedder, arch, weights, embedding_dim, unsafe_load,
+                                pick_device(cuda)), arch, weights)
     run_images(load, start, **options)
 
 
@@ -436,14 +535,68 @@ def build_proxies(folder: str, output: str, arch: str, weights: str, embedding_d
     from .proxies import read_exemplars
 
     with redirect_stdout(sys.stderr):  # torch announces weight downloads on stdout
-        model = load_embedder(arch, weights, embedding_dim, unsafe_load, pick_device(cuda))
+        model = preprocessed(partial(load_embedder, arch, weights, embedding_dim, unsafe_load,
+                                     pick_device(cuda)), arch, weights)()
     try:
         exemplars = read_exemplars(model, folder, batch_size)
     except ArgumentError as exc:  # FOLDER is positional: no --proxies to name
         raise UsageError(f"{quoted(exc.value)}: {exc.problem}") from exc
+    say_preprocessing()
     exemplars.save(Path(output), model)
     click.echo(f"gradcam: {len(exemplars.paths)} exemplars of {len(exemplars.names)} classes "
                f"-> {output}", err=True)
+
+
+def preprocessed(load: Callable[..., LoadedModel], arch: str, weights: str) -> Callable[[], LoadedModel]:
+    """``load`` with the preprocessing options: each field from the last of the model's
+    defaults, a checkpoint's model.preprocess.json, --preprocess FILE and the flags; the line
+    ``say_preprocessing`` prints is kept."""
+    options = dict(click.get_current_context().meta.get(PREPROCESS, {}))
+    file = options.pop(PREPROCESS_FILE, None)
+
+    def load_preprocessed() -> LoadedModel:
+        from .preprocess import in_file, read_changes, sidecar
+
+        beside = sidecar(weights)
+        own = _sidecar_changes(beside, weights) if Path(weights).is_file() and beside.is_file() else {}
+        chosen = read_changes(file) if file else {}
+        try:
+            model = load(preprocess={**own, **chosen, **options})
+        except ArgumentError as exc:
+            if exc.argument in chosen and exc.argument not in options:
+                raise in_file(exc, file) from exc
+            if exc.argument in own and exc.argument not in {**chosen, **options}:
+                exc = in_file(exc, beside)
+            if exc.argument == "preprocess" and exc.value == str(beside):
+                raise ArgumentError("weights", weights, f"its preprocessing file {beside.name}: "
+                                    f"{exc.problem}") from exc
+            raise
+        default = next((said for prefix, said in DEFAULTS_FROM.items() if arch.startswith(prefix)),
+                       "the weights")
+        sources = [default, beside.name if own else "", file or "", "flags" if options else ""]
+        said = "; ".join(s for s in sources if s)
+        click.get_current_context().meta[PREPROCESS_SAID] = \
+            f"gradcam: preprocessing {model.preprocess.describe()} (from: {said})"
+        return model
+    return load_preprocessed
+
+
+def say_preprocessing() -> None:
+    """Print the preprocessing the run uses on stderr, once, after every usage check (so that
+    a usage error stays one line)."""
+    line = click.get_current_context().meta.pop(PREPROCESS_SAID, None)
+    if line:
+        click.echo(line, err=True)
+
+
+def _sidecar_changes(path: Path, weights: str) -> dict:
+    """A checkpoint's own preprocessing fields; a problem with the file is said with --weights."""
+    from .preprocess import read_changes
+    try:
+        return read_changes(path)
+    except ArgumentError as exc:
+        raise ArgumentError("weights", weights, f"its preprocessing file {path.name}: "
+                            f"{exc.problem}") from exc
 
 
 def run_images(load: Callable[[], LoadedModel],
@@ -473,6 +626,7 @@ def run_images(load: Callable[[], LoadedModel],
     failure: GradcamError | None = None
 
     def handle(record: dict) -> None:
+        say_preprocessing()  # with the first record: every usage error is found by then
         counts[record["status"]] += 1
         records.extend([record] if finish else [])
         bar.update()
@@ -569,32 +723,38 @@ def stop_on_interrupt() -> Iterator[Stop]:
 def _print_table(record: dict) -> None:
     """Print an image's explained classes as a short table."""
     where = ", ".join(record["layers"]) if "layers" in record else record["layer"]
-    click.echo(f"{quoted(record['image'])}  ({record['arch']} @ {where})")
+    side = " (negative side)" if record.get("negative") else ""
+    click.echo(f"{quoted(record['image'])}  ({record['arch']} @ {where}){side}")
     for c in record["classes"]:
-        value = c.get("probability", c.get("similarity"))
+        value = c.get("score", c.get("similarity"))
         click.echo(f"  {c['rank']:>2}  {value:8.4f}  {c['class_id']:>5}  {c['name']}")
+    if "predicted" in record:
+        top = record["predicted"]
+        click.echo(f"  predicted {top['score']:8.4f}  {top['class_id']:>5}  {top['name']}")
     click.echo(f"  -> {record['grid']}")
 
 
 @main.command()
 @arch_option
+@preprocess_options
 def layers(arch: str) -> None:
     """List the layers with a spatial output (candidate targets) and their shapes."""
     from .models import default_layer, load_model, spatial_layers, stage_layers
 
     with redirect_stdout(sys.stderr):  # stdout carries the listing only
-        model = load_model(arch, "none")
+        model = preprocessed(partial(load_model, arch, "none"), arch, "none")()
     default = default_layer(arch, model.module, model.preprocess)
     stages = stage_layers(arch, model.module, model.preprocess)
     height, width = model.preprocess.input_size
     click.echo(f"{arch} at {height}x{width}; * marks the default target layer, s the stages "
                "(compare-layers' default)")
-    for name, shape in spatial_layers(model.module, model.preprocess):
+    shapes = dict(spatial_layers(model.module, model.preprocess))
+    for name, shape in shapes.items():
         mark = ("*" if name == default else " ") + ("s" if name in stages else " ")
         click.echo(f"{mark} {name:<48} {'x'.join(map(str, shape[1:]))}")
-    if arch.startswith("vit_"):
-        click.echo("(ViT: layers are LayerNorms before attention, since after the last block's "
-                   "ln_1 only the class token gets a gradient)")
+    if len(shapes[default]) == 3:
+        click.echo("(tokens: the default is the last LayerNorm whose patch tokens still get a "
+                   "gradient; after the last block's attention only the class token does)")
 
 
 @main.command()
@@ -609,7 +769,9 @@ def methods() -> None:
 
 @main.command()
 def architectures() -> None:
-    """List the architecture names --arch accepts."""
+    """List the torchvision names --arch accepts (also timm/NAME, hf/PATH_OR_ID, module:...)."""
     from .models import ARCHITECTURES
 
     click.echo("\n".join(ARCHITECTURES))
+    click.echo("also: timm/NAME (any name timm.list_models() gives), hf/PATH_OR_ID (a Hugging Face "
+               "image classifier), module:PACKAGE.MODULE:FACTORY (your own network)", err=True)

@@ -24,6 +24,8 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from .errors import ArgumentTypeError
+
 RULES = ("plain", "guided", "deconv")
 Grads = tuple[torch.Tensor | None, ...]
 
@@ -61,6 +63,21 @@ def relu_gates(root: torch.Tensor) -> list[torch.autograd.graph.Node]:
             gates.append(node)
         stack.extend(child for child, _ in node.next_functions)
     return gates
+
+
+def logits_of(output: object) -> torch.Tensor:
+    """The logits in a forward's output, whatever wraps them: a tensor itself, the first element
+    of a tuple or list (torchvision's aux outputs, namedtuples), ``logits`` of a dict or a
+    Hugging Face ``ModelOutput``; anything else is refused, naming its type."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if isinstance(output, dict) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    kind = type(output).__name__
+    raise ArgumentTypeError("arch", kind, f"the model output is a {kind}: neither a tensor, nor a tuple "
+                            "or list starting with one, nor a dict or ModelOutput with 'logits'")
 
 
 @contextmanager
@@ -124,7 +141,7 @@ def forward_pass(module: nn.Module, inputs: torch.Tensor,
     try:
         with evaluating(module), torch.enable_grad():
             x = inputs.detach().requires_grad_(True)
-            logits = module(x)
+            logits = logits_of(module(x))
             yield ForwardPass(x, logits, activations)
     finally:
         for h in handles:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,16 +35,17 @@ from PIL import Image
 
 from . import metrics as MT
 from .choices import BASELINES
-from .engine import evaluating
-from .errors import InputError, unknown
+from .engine import evaluating, logits_of
+from .errors import ArgumentError, InputError, unknown
 from .explanation import Explanation, explain
 from .io import atomic_write, json_bytes, png_bytes
-from .methods import DEFAULT_METHODS
+from .methods import CAM_METHODS, DEFAULT_METHODS
 from .models import LoadedModel
 from .pipeline import resolve_layer
 from .render import TITLES, line_plot
 from .runner import Item, Loaded, Task, run
 from .sanity import cascade
+from .targets import ClassTargets, Scoring, class_targets, top_classes
 from .truth import Truth
 
 
@@ -70,8 +71,15 @@ def evaluate(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
              methods: Sequence[str] = DEFAULT_METHODS, steps: int = 20, baseline: str = "blur",
              truth: Truth | None = None, tolerance: float = 15.0, sanity: bool = False,
              batch_size: int = 8, skip_existing: bool = False,
-             stop: Callable[[], bool] = lambda: False, progress: bool = False) -> Iterator[dict]:
+             stop: Callable[[], bool] = lambda: False, progress: bool = False,
+             class_names: Sequence[str] = (),
+             targets: str | Path | Mapping[str, Sequence[int | str]] | None = None,
+             score: str | None = None, negative: bool = False) -> Iterator[dict]:
     """Yield one record per image with every metric of every explained class and method.
+
+    Classes are chosen and scored as by ``classify`` (``targets="folder"`` measures each
+    image's true class); the curves and confidence changes follow the reported score of the
+    explained side, so ``score="logit"`` is refused: Average Drop divides by a probability.
 
     Bad images (or a missing mask) give an error record and the rest go on; ``stop`` is asked
     after each batch. With ``skip_existing`` an image whose summary an earlier run with the
@@ -82,8 +90,12 @@ def evaluate(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     if baseline not in BASELINES:
         raise unknown("baseline", baseline, BASELINES)
     chosen = resolve_layer(model, layer)
+    classes = class_targets(model.categories, methods, topk, class_ids, class_names, targets, score, negative)
+    if classes.scoring.kind == "logit":
+        raise ArgumentError("score", score, "evaluate's curves and Average Drop need a probability "
+                            "(softmax or sigmoid)")
     settings = Settings(chosen, methods, steps, baseline, tolerance, sanity, batch_size)
-    task = Evaluation(model, settings, topk, class_ids, truth, progress)
+    task = Evaluation(model, settings, classes, truth, progress)
     return run(task, images, output_dir, batch_size, skip_existing, stop)
 
 
@@ -96,28 +108,27 @@ class Evaluation(Task):
     writes_beside = False
     model: LoadedModel
     run: Settings
-    topk: int
-    class_ids: Sequence[int]
+    classes: ClassTargets
     truth: Truth | None
     progress: bool
 
     @property
     def tag(self) -> str:
         """Where one image's evaluation files go, beside classify's folder."""
-        return f"{self.model.arch}@{self.run.layer}-evaluate"
+        return f"{self.model.folder_name}@{self.run.layer}-evaluate"
 
     def settings(self, path: Path) -> dict:
         """Model, layer, methods, classes, curve and truth settings, and this image's truth."""
         truth = None if self.truth is None else self.truth.source(path)
         return {"task": self.tag, "model": self.model.fingerprint(), "layer": self.run.layer,
-                "methods": list(self.run.methods), "topk": self.topk,
-                "class_ids": list(self.class_ids), "steps": self.run.steps,
+                "methods": list(self.run.methods), **self.classes.settings(path), "steps": self.run.steps,
                 "baseline": self.run.baseline, "tolerance": self.run.tolerance,
                 "sanity": self.run.sanity, "truth": truth}
 
     def decode(self, path: Path, image: Image.Image) -> tuple:
         """The crop the model sees, the object mask cropped alike (if any), and the scale from
-        original to crop pixels."""
+        original to crop pixels; an image without classes of its own fails here, alone."""
+        self.classes.check(path)
         mask = None
         if self.truth is not None:
             crop = self.model.preprocess.mask_pixels(self.truth.mask_for(path, image.size))
@@ -128,8 +139,9 @@ class Evaluation(Task):
         """The batch's inputs and its maps."""
         x = torch.stack([self.model.preprocess.to_tensor(item.data[0]) for item in batch])
         x = x.to(next(self.model.module.parameters()).device)
-        return x, explain(self.model.module, x, self.run.layer, self.topk, self.class_ids,
-                          self.run.methods, self.run.batch_size, self.progress)
+        return x, explain(self.model.module, x, self.run.layer, methods=self.run.methods,
+                          batch_size=self.run.batch_size, progress=self.progress,
+                          target=self.classes.chooser([item.path for item in batch]))
 
     def files(self, record: dict) -> list[str]:
         """The curves plot, and the sanity plot when the randomisation test ran."""
@@ -141,23 +153,28 @@ class Evaluation(Task):
         (x, result), (_, mask, scale), run = results, item.data, self.run
         if result.errors[i]:
             raise InputError(f"{item.path}: {result.errors[i]}")
-        base = MT.baseline_of(x[i], run.baseline)
+        base, scoring = MT.baseline_of(x[i], run.baseline), self.classes.scoring
+        class_ids = [c for c in result.classes[i].tolist() if c >= 0]  # -1: past its own classes
         classes = []
-        for k, class_id in enumerate(result.classes[i].tolist()):
-            score = _scorer(self.model.module, class_id)
+        for k, class_id in enumerate(class_ids):
+            score = _scorer(self.model.module, class_id, scoring)
             original = float(result.scores[i, class_id])
             radii = (run.tolerance * scale[0], run.tolerance * scale[1])
-            rows = {m: _measure(score, x[i], MT.saliency_of(result.maps[m][i, k]), base, original,
-                                mask, radii, run) for m in run.methods}
+            rows = {m: _measure(score, x[i], MT.saliency_of(result.maps[m][i, k], m in CAM_METHODS),
+                                base, original, mask, radii, run) for m in run.methods}
+            probability = {"probability": round(original, 6)} if scoring.kind == "softmax" else {}
             classes.append({"rank": k + 1, "class_id": class_id,
-                            "name": self.model.categories[class_id],
-                            "probability": round(original, 6), "metrics": rows})
+                            "name": self.model.categories[class_id], "score": round(original, 6),
+                            "score_kind": scoring.kind, **probability, "metrics": rows})
+        top, value = result.predicted[i]
+        predicted = {"class_id": top, "name": self.model.categories[top], "score": round(value, 6)}
         record = {"image": str(item.path), "arch": self.model.arch, "weights": self.model.weights,
-                  "layer": run.layer,
-                  "steps": run.steps, "baseline": run.baseline, "classes": classes,
+                  "preprocess": self.model.preprocess.to_dict(),
+                  "layer": run.layer, "steps": run.steps, "baseline": run.baseline,
+                  "negative": scoring.negative, "predicted": predicted, "classes": classes,
                   "curves": str(folder / "curves.png")}
         if run.sanity:
-            record["sanity"] = _sanity(self.model, x[i], result.classes[i].tolist(), run)
+            record["sanity"] = _sanity(self.model, x[i], class_ids, scoring, run)
             record["sanity_plot"] = str(folder / "sanity.png")
             atomic_write(folder / "sanity.png", png_bytes(sanity_plot([{**record, "status": "ok"}])))
         atomic_write(folder / "curves.png", png_bytes(curves_plot([{**record, "status": "ok"}])))
@@ -180,20 +197,22 @@ def _measure(score: MT.Scorer, x: torch.Tensor, saliency: torch.Tensor, base: to
     return row
 
 
-def _scorer(module: torch.nn.Module, class_id: int) -> MT.Scorer:
-    """The explained class's probability for a batch of inputs."""
+def _scorer(module: torch.nn.Module, class_id: int, scoring: Scoring) -> MT.Scorer:
+    """The explained class's reported score (its probability, of the explained side) for a
+    batch of inputs."""
     def score(batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), evaluating(module):
-            return module(batch).float().softmax(dim=1)[:, class_id]
+            return scoring.values(logits_of(module(batch)))[:, class_id]
     return score
 
 
-def _sanity(model: LoadedModel, x: torch.Tensor, class_ids: list[int], run: Settings) -> list[dict]:
+def _sanity(model: LoadedModel, x: torch.Tensor, class_ids: list[int], scoring: Scoring,
+            run: Settings) -> list[dict]:
     """Cascading randomisation: per block, the Spearman correlation of each class's maps."""
     def maps(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        result = explain(module, x[None], run.layer, class_ids=class_ids, methods=run.methods,
-                         batch_size=run.batch_size)
-        return {f"{c}/{m}": MT.saliency_of(result.maps[m][0, k])
+        result = explain(module, x[None], run.layer, methods=run.methods, batch_size=run.batch_size,
+                         target=top_classes(class_ids=class_ids, scoring=scoring))
+        return {f"{c}/{m}": MT.saliency_of(result.maps[m][0, k], m in CAM_METHODS)
                 for k, c in enumerate(class_ids) for m in run.methods}
     steps = cascade(model.module, x[None], maps, MT.spearman)
     return [{"layer": name, "spearman": scores} for name, scores in steps]

@@ -32,6 +32,7 @@ class Explanation:
     layer: str
     gates: int | None  # ReLU-type activations found; None when no guided/deconv map was asked
     errors: list[str | None] = field(default_factory=list)  # per image: why it has no maps
+    predicted: list[tuple[int, float]] | None = None  # per image: top-1 class and its score
 
 
 class ZeroGradientError(ArgumentError):
@@ -104,7 +105,7 @@ def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str
                 maps[method] = _perturbation_cam(method, module, modules[name], inputs, acts[name],
                                                  layouts[name], outputs, chosen, batch_size, progress)
         results.append(Explanation(chosen.table, chosen.chosen, {m: maps[m] for m in methods},
-                                   name, gates, errors))
+                                   name, gates, errors, chosen.predicted))
     return results
 
 

@@ -6,8 +6,10 @@ guessed from the shape (an 8x12 map with 8 channels fits both map layouts); it i
 running the model on zeros of the input's size, once per model and input size:
 
 - a second forward at twice the input's width shows which axis follows the width: axis 3 of
-  NxCxhxw, axis 2 of NxhxwxC, axis 1 of tokens. An output where no other axis, or none at all,
-  follows it (logits, pooled features, attention windows) has no grid;
+  NxCxhxw, axis 2 of NxhxwxC, axis 1 of tokens; a third at twice its height, which follows the
+  height: axis 2, axis 1, axis 1 again. An output whose axes follow the sides otherwise (logits,
+  pooled features, attention windows, attention heads' NxheadsxTxd, whose token axis follows
+  both sides) has no grid;
 - a token sequence lies on the grid of the last convolution before it (the patch embedding),
   so h and w follow the input's sides; the tokens before that grid are prefix tokens (class,
   distillation, register tokens);
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from .engine import evaluating
+from .errors import ArgumentError
 
 Shape = tuple[int, ...]
 Grid = tuple[int, int]
@@ -71,14 +74,27 @@ def probe(module: nn.Module, example: torch.Tensor) -> Probe:
 
 
 def _decide(module: nn.Module, example: torch.Tensor) -> Probe:
-    """Run the model on zeros like ``example`` and at twice its width; decide every layout."""
-    seen = _shapes(module, torch.zeros_like(example))
-    wide = example.new_zeros(*example.shape[:3], 2 * example.shape[3])
+    """Run the model on zeros like ``example``, at twice its width and at twice its height;
+    decide every layout."""
     try:
-        wider = _shapes(module, wide)
+        seen = _shapes(module, torch.zeros_like(example))
+    except Exception as exc:  # whatever the model raises for an input it cannot take
+        _, channels, height, width = example.shape
+        raise ArgumentError("input_size", f"{height},{width}", f"the model cannot run on {channels}-channel "
+                            f"{height}x{width} inputs ({type(exc).__name__}: {exc})") from exc
+    n, c, h, w = example.shape
+    wider = _other_size(module, example.new_zeros(n, c, h, 2 * w))
+    taller = _other_size(module, example.new_zeros(n, c, 2 * h, w))
+    return {name: (shape, _layout(shape, grid, wider.get(name), taller.get(name)))
+            for name, (shape, grid) in seen.items()}
+
+
+def _other_size(module: nn.Module, x: torch.Tensor) -> dict[str, tuple[Shape, Grid | None]]:
+    """``_shapes`` at another input size; empty when the model refuses that size."""
+    try:
+        return _shapes(module, x)
     except Exception:  # any refusal of another size (torchvision's ViT asserts its own)
-        wider = {}
-    return {name: (shape, _layout(shape, grid, wider.get(name))) for name, (shape, grid) in seen.items()}
+        return {}
 
 
 def _shapes(module: nn.Module, x: torch.Tensor) -> dict[str, tuple[Shape, Grid | None]]:
@@ -105,21 +121,27 @@ def _shapes(module: nn.Module, x: torch.Tensor) -> dict[str, tuple[Shape, Grid |
     return seen
 
 
-def _layout(shape: Shape, conv: Grid | None, wider: tuple[Shape, Grid | None] | None) -> Layout | None:
+def _layout(shape: Shape, conv: Grid | None, wider: tuple[Shape, Grid | None] | None,
+            taller: tuple[Shape, Grid | None] | None) -> Layout | None:
     """The layout of an output of ``shape`` made after a convolution on grid ``conv``, from the
-    same at twice the input's width (``wider``; None when the model runs at one size only)."""
+    same at twice the input's width (``wider``; None when the model runs at one size only) and
+    at twice its height (``taller``; None when the model refuses that size alone)."""
     if wider is None:
         return _on_grid(shape, conv)
-    wide_shape = wider[0]
-    follows = [i for i in range(len(shape)) if len(wide_shape) == len(shape) and shape[i] != wide_shape[i]]
-    if len(shape) == 4 and follows == [3]:
+    across, down = _follows(shape, wider), None if taller is None else _follows(shape, taller)
+    if len(shape) == 4 and across == [3] and down in (None, [2]):
         return Layout("nchw", shape[2:])
-    if len(shape) == 4 and follows == [2]:
+    if len(shape) == 4 and across == [2] and down in (None, [1]):
         return Layout("nhwc", shape[1:3])
     narrow, wide = _tokens(shape, conv), _tokens(*wider)
-    if follows == [1] and narrow and wide and narrow.prefix == wide.prefix:
+    if across == [1] and down in (None, [1]) and narrow and wide and narrow.prefix == wide.prefix:
         return narrow
     return None
+
+
+def _follows(shape: Shape, other: tuple[Shape, Grid | None]) -> list[int]:
+    """The axes of ``shape`` that differ at the other input size (all of them if the rank does)."""
+    return [i for i in range(len(shape)) if len(other[0]) != len(shape) or shape[i] != other[0][i]]
 
 
 def _on_grid(shape: Shape, conv: Grid | None) -> Layout | None:

@@ -16,11 +16,13 @@ Scorer = Callable[[torch.Tensor], torch.Tensor]  # Bx3xHxW inputs -> B scores of
 BLUR_KERNEL, BLUR_SIGMA = 11, 5.0  # RISE's insertion substrate
 
 
-def saliency_of(values: torch.Tensor) -> torch.Tensor:
+def saliency_of(values: torch.Tensor, cam: bool | None = None) -> torch.Tensor:
     """One non-negative value per pixel: a CAM as it is, a gradient map's largest absolute
-    value over colour channels (Simonyan et al. 2014)."""
+    value over colour channels (Simonyan et al. 2014). ``cam`` None tells a CAM by its one
+    channel, which a one-channel model's gradients have too: callers that know say which."""
     values = values.detach().float().cpu()
-    return values[0].clamp(min=0) if values.shape[0] == 1 else values.abs().amax(dim=0)
+    is_cam = values.shape[0] == 1 if cam is None else cam
+    return values[0].clamp(min=0) if is_cam else values.abs().amax(dim=0)
 
 
 def baseline_of(image: torch.Tensor, baseline: str) -> torch.Tensor:

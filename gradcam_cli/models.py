@@ -1,26 +1,44 @@
-"""Model loading: architecture name → network, class names, preprocessing and target layers."""
+"""Model loading: architecture name → network, class names, preprocessing and target layers.
+
+The name's prefix picks the source (``sources``): a torchvision name, ``timm/NAME``,
+``hf/PATH_OR_ID`` or ``module:PACKAGE.MODULE:FACTORY``.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import pickle
-import pickletools
-import zipfile
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models import get_model, get_model_weights, list_models
 
+from .engine import evaluating, logits_of
 from .errors import ArgumentError, unknown
 from .layout import Layout, probe
-from .preprocess import Preprocess, read_preprocess, sidecar
+from .preprocess import Preprocess, check_input, from_dict, read_changes, read_preprocess, sidecar
+from .sources import Source, build, seeded
+from .sources.checkpoint import (
+    CHECKPOINT_SUFFIXES,
+    file_sha256,
+    is_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+)
+from .sources.torchvision import ARCHITECTURES
 
-ARCHITECTURES: tuple[str, ...] = tuple(sorted(list_models(module=torchvision.models)))
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+__all__ = [
+    "ARCHITECTURES",
+    "CHECKPOINT_SUFFIXES",
+    "LoadedModel",
+    "file_sha256",
+    "load_embedder",
+    "load_model",
+    "read_checkpoint",
+    "read_labels",
+]
 _POOLS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
           nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
@@ -37,6 +55,16 @@ class LoadedModel:
     weights_sha256: str | None = None  # a checkpoint's digest: same path, other file, other maps
     head: str = "classifier"           # or the embedding head that replaced it
 
+    @property
+    def folder_name(self) -> str:
+        """``arch`` as one path component: torchvision names as they are; a name with a slash,
+        colon or ``..`` (timm/…, hf/PATH, module:…) made safe, with a digest of the original so
+        two names never share a folder."""
+        safe = re.sub(r"[^A-Za-z0-9_-]+", "_", self.arch).strip("_") or "model"
+        if safe == self.arch:
+            return safe
+        return f"{safe}-{hashlib.sha256(self.arch.encode()).hexdigest()[:8]}"
+
     def fingerprint(self) -> dict:
         """What about the model determines its maps and their labels, as plain JSON values."""
         names = hashlib.sha256("\n".join(self.categories).encode()).hexdigest()
@@ -48,40 +76,38 @@ def load_model(arch: str, weights: str = "DEFAULT", num_classes: int | None = No
                labels: str | Path | None = None, unsafe_load: bool = False,
                device: str | torch.device = "cpu",
                preprocess: Mapping[str, object] | None = None) -> LoadedModel:
-    """Build a torchvision classifier by name with DEFAULT/enum/none/checkpoint weights.
+    """Build a classifier by name (see ``sources``) with DEFAULT/none/checkpoint weights (and
+    torchvision's enum names).
 
-    Preprocessing follows the chosen weights' own ``transforms()`` (resnet50's V1 weights
-    resize to 256, V2 to 232); random weights and checkpoints take the DEFAULT weights'. A
-    checkpoint's own ``model.preprocess.json`` beside it changes that, and ``preprocess``
-    (Preprocess field names to values) changes the result.
+    Preprocessing is the source's default (the weights' own ``transforms()``, timm's data
+    config, the Hugging Face image processor); a checkpoint's own ``model.preprocess.json``
+    beside it changes that, and ``preprocess`` (Preprocess field names to values) changes the
+    result. A source without a default (``module:``) needs a complete one from either.
     """
-    if arch not in ARCHITECTURES:
-        raise unknown("arch", arch, ARCHITECTURES, "architecture")
-    enum = get_model_weights(arch)
-    chosen, digest = enum.DEFAULT, None
-    if _is_checkpoint(weights):
-        module = _build(arch, num_classes or len(enum.DEFAULT.meta["categories"]))
-        _load_state(module, read_checkpoint(Path(weights), unsafe_load), weights)
-        source, digest = str(weights), file_sha256(Path(weights))
-    elif weights.lower() == "none":
-        module = _build(arch, num_classes or len(enum.DEFAULT.meta["categories"]))
-        source = "none"
-    else:
-        if weights not in enum.__members__:
-            raise unknown("weights", weights, [*enum.__members__, "none"], f"weights for {arch}")
-        if num_classes is not None:
-            raise ArgumentError("num_classes", num_classes,
-                                "applies only to weights='none' or a checkpoint")
-        chosen = enum[weights]
-        module = _download(arch, chosen)
-        source = chosen.name
-    module.eval().to(device)
+    source = build(arch, weights, num_classes, unsafe_load)
+    module = source.module.eval().to(device)
     outputs = _output_size(module)
-    categories = read_labels(labels, outputs) if labels else _default_categories(chosen, outputs)
-    own = _preprocess(chosen, module)
-    if digest is not None and sidecar(weights).is_file():
+    names = source.categories if source.categories and len(source.categories) == outputs else None
+    categories = read_labels(labels, outputs) if labels else names or [f"class {i}" for i in range(outputs)]
+    own = _preprocessing(arch, source, weights, dict(preprocess or {}))
+    check_input(module, own)
+    return LoadedModel(arch, module, categories, own, source.weights, source.weights_sha256)
+
+
+def _preprocessing(arch: str, source: Source, weights: str, changes: dict[str, object]) -> Preprocess:
+    """The source's default, then a checkpoint's sidecar JSON, then ``changes``; without a
+    default, the sidecar or the changes must give input_size, mean and std."""
+    own = source.preprocess
+    if is_checkpoint(weights) and sidecar(weights).is_file():
         own = read_preprocess(sidecar(weights), own)
-    return LoadedModel(arch, module, categories, own.with_options(**(preprocess or {})), source, digest)
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if own is not None:
+        return own.with_options(**changes)
+    if not {"input_size", "mean", "std"} <= set(changes):
+        raise ArgumentError("arch", arch, f"{source.missing}; give a preprocessing file, a "
+                            "model.preprocess.json beside the checkpoint, or at least input_size, "
+                            "mean and std")
+    return from_dict(changes)
 
 
 def load_embedder(arch: str, weights: str = "DEFAULT", embedding_dim: int | None = None,
@@ -97,29 +123,21 @@ def load_embedder(arch: str, weights: str = "DEFAULT", embedding_dim: int | None
         model = load_model(arch, weights, unsafe_load=unsafe_load, preprocess=preprocess)
         _replace_head(model.module, lambda _old: nn.Identity())
     else:
-        if not (_is_checkpoint(weights) or weights.lower() == "none"):
+        if not (is_checkpoint(weights) or weights.lower() == "none"):
             raise ArgumentError("embedding_dim", embedding_dim, "needs the trained embedding network's "
                                 "checkpoint as weights, or weights 'none'")
-        model = load_model(arch, "none", preprocess=preprocess)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        beside = sidecar(weights) if is_checkpoint(weights) else None
+        own = read_changes(beside) if beside is not None and beside.is_file() else {}
+        model = load_model(arch, "none", preprocess={**own, **(preprocess or {})})
+        with seeded():
             _replace_head(model.module, lambda old: nn.Linear(old.in_features, embedding_dim))
         if weights.lower() != "none":
-            _load_state(model.module, read_checkpoint(Path(weights), unsafe_load), weights)
-            model.weights, model.weights_sha256 = str(weights), file_sha256(Path(weights))
+            model.weights = str(weights)
+            model.weights_sha256 = load_checkpoint(model.module, weights, unsafe_load)
     model.module.eval().to(device)
     model.categories = []
     model.head = "identity" if embedding_dim is None else f"linear to {embedding_dim}"
     return model
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _replace_head(module: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> None:
@@ -132,127 +150,6 @@ def _replace_head(module: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> 
     setattr(owner, attr, make(getattr(owner, attr)))
 
 
-def _is_checkpoint(weights: str) -> bool:
-    """Tell a checkpoint path from a weights enum name."""
-    return Path(weights).suffix in CHECKPOINT_SUFFIXES or "/" in weights or Path(weights).is_file()
-
-
-def _build(arch: str, num_classes: int) -> nn.Module:
-    """Build a randomly initialised network; deterministic so that runs repeat exactly.
-
-    torchvision starts some heads at zero (ViT), which would make every logit constant and
-    every map blank; those are drawn at random instead (a checkpoint overwrites them anyway).
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        extra = {"init_weights": True} if arch in ("googlenet", "inception_v3") else {}
-        module = get_model(arch, weights=None, num_classes=num_classes, **extra)
-        for layer in module.modules():
-            if isinstance(layer, nn.Linear) and not layer.weight.any():
-                nn.init.trunc_normal_(layer.weight, std=0.02)
-        return module
-
-
-def _download(arch: str, weights: torchvision.models.WeightsEnum) -> nn.Module:
-    """Build with pretrained weights, turning a failed download into instructions."""
-    try:
-        return get_model(arch, weights=weights)
-    except OSError as exc:  # URLError, socket and HTTP errors are all OSErrors
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        raise ArgumentError(
-            "weights", weights.name, f"cannot download {arch}'s weights ({exc}); offline? give a "
-            f"checkpoint file as the weights, put {weights.url} at {cache} (TORCH_HOME sets the "
-            "cache), or use the weights 'none' for random weights") from exc
-
-
-def read_checkpoint(path: Path, unsafe_load: bool = False) -> dict[str, torch.Tensor]:
-    """Read a state dict from .safetensors or a torch file, refusing pickled code by default."""
-    if not path.is_file():
-        raise ArgumentError("weights", str(path), "no such checkpoint file")
-    if path.stat().st_size == 0:
-        raise ArgumentError("weights", str(path), "not a readable checkpoint (the file is empty)")
-    state = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path, unsafe_load)
-    while isinstance(state, dict) and any(k in state for k in ("state_dict", "model")):
-        state = state.get("state_dict", state.get("model"))
-    if isinstance(state, nn.Module):
-        state = state.state_dict()
-    if not isinstance(state, dict):
-        raise ArgumentError("weights", str(path), f"holds a {type(state).__name__}, not a state dict")
-    odd = next(((k, v) for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
-    if odd is not None:
-        raise ArgumentError("weights", str(path),
-                            f"holds {odd[0]}: {type(odd[1]).__name__}, not a tensor; not a state dict")
-    return {str(k).removeprefix("module."): v for k, v in state.items()}
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file (data only: nothing in it can run)."""
-    try:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-    except ImportError as exc:
-        raise ArgumentError("weights", str(path), "reading .safetensors needs: pip install "
-                            "safetensors") from exc
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ArgumentError("weights", str(path), f"not a readable safetensors file ({exc})") from exc
-
-
-def _read_torch(path: Path, unsafe_load: bool) -> object:
-    """A torch file's content, read with ``weights_only`` unless ``unsafe_load``."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not unsafe_load)
-    except pickle.UnpicklingError as exc:
-        names = _pickled_globals(path)
-        if names is None:
-            raise ArgumentError("weights", str(path), "not a readable checkpoint (neither a torch "
-                                "file nor a pickle)") from exc
-        raise ArgumentError("weights", str(path),
-                            f"refused, the file holds Python objects that could run code "
-                            f"({', '.join(names[:3])}); if you trust it, allow unsafe_load") from exc
-    except (RuntimeError, EOFError, OSError, ValueError, IndexError) as exc:
-        raise ArgumentError("weights", str(path),
-                            f"not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
-
-
-def _pickled_globals(path: Path) -> list[str] | None:
-    """The Python objects a pickle (plain, or torch's zip) would import, read without running it;
-    None when the file is no pickle at all."""
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
-        else:
-            data = path.read_bytes()
-        ops = list(pickletools.genops(data))
-    except (ValueError, StopIteration, OSError, zipfile.BadZipFile, EOFError):
-        return None
-    names, strings = [], []
-    for op, arg, _ in ops:
-        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
-            strings.append(str(arg))
-        elif op.name in ("GLOBAL", "INST"):
-            names.append(str(arg).replace(" ", "."))
-        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-            names.append(f"{strings[-2]}.{strings[-1]}")
-    return list(dict.fromkeys(names)) or ["objects of unknown kind"]
-
-
-def _load_state(module: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
-    """Load a state dict, listing every missing, unexpected and mis-shaped key on failure."""
-    own = module.state_dict()
-    problems = [f"missing {k}" for k in own if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in own]
-    problems += [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                 for k, v in state.items() if k in own and v.shape != own[k].shape]
-    if problems:
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise ArgumentError("weights", path, f"does not fit this architecture (another number of "
-                            f"classes?): {shown}")
-    module.load_state_dict(state)
-
-
 def _output_size(module: nn.Module) -> int:
     """Number of classes the head produces, read from its last linear or conv layer."""
     for layer in reversed(list(module.modules())):
@@ -261,12 +158,6 @@ def _output_size(module: nn.Module) -> int:
         if isinstance(layer, nn.Conv2d):
             return layer.out_channels
     raise ArgumentError("arch", type(module).__name__, "has no linear or convolutional head")
-
-
-def _default_categories(weights: torchvision.models.WeightsEnum, outputs: int) -> list[str]:
-    """The weights' class names when the head has their size, else numbers."""
-    names = weights.meta["categories"] or []  # feature-only weights (vgg16's) have none
-    return list(names) if len(names) == outputs else [f"class {i}" for i in range(outputs)]
 
 
 def read_labels(path: str | Path, outputs: int) -> list[str]:
@@ -278,17 +169,6 @@ def read_labels(path: str | Path, outputs: int) -> list[str]:
     if len(names) != outputs:
         raise ArgumentError("labels", str(path), f"{len(names)} names for a head of {outputs} classes")
     return names
-
-
-def _preprocess(weights: torchvision.models.WeightsEnum, module: nn.Module) -> Preprocess:
-    """Preprocessing from the weights' transforms, sized to the model (ViT fixes its input)."""
-    t = weights.transforms()
-    crop, resize = t.crop_size[0], t.resize_size[0]
-    size = getattr(module, "image_size", crop)
-    if size != crop:
-        crop, resize = size, round(size * resize / crop)
-    return Preprocess((crop, crop), tuple(t.mean), tuple(t.std), resize_to=resize,
-                      interpolation=t.interpolation.value)
 
 
 def find_layer(module: nn.Module, name: str, argument: str = "layer") -> nn.Module:
@@ -344,12 +224,16 @@ def spatial_layers(module: nn.Module, preprocess: Preprocess) -> list[tuple[str,
 def stage_layers(arch: str, module: nn.Module, preprocess: Preprocess) -> list[str]:
     """The network's stages: at the shallowest nesting depth whose blocks span at least three
     grid sizes, the last block to finish at each size (ResNet: layer1..layer4; Swin:
-    features.1, .3, .5, .7). Without such blocks (VGG), the same over layers of any kind; for
-    ViT, whose grid never changes, the first LayerNorm of the blocks ending each quarter."""
-    if arch.startswith("vit_"):
-        depth = len(module.encoder.layers)
-        return [f"encoder.layers.encoder_layer_{depth * q // 4 - 1}.ln_1" for q in (1, 2, 3, 4)]
-    layers = [(name, layout.grid) for name, _, layout in _grids(module, preprocess)]
+    features.1, .3, .5, .7). Without such blocks (VGG), the same over layers of any kind. For
+    a token model (ViT, DeiT), whose grid never changes, the default layer's counterpart in the
+    blocks ending each quarter (the same name but for the block's number)."""
+    grids = _grids(module, preprocess)
+    if _token_model(module, grids):
+        default = _token_default(module, preprocess, grids)
+        blocks = _siblings(default, [name for name, _, _ in grids])
+        picks = [blocks[max(0, len(blocks) * q // 4 - 1)] for q in (1, 2, 3, 4)]
+        return list(dict.fromkeys(picks))
+    layers = [(name, layout.grid) for name, _, layout in grids]
     modules = dict(module.named_modules())
     deepest = max(name.count(".") for name, _ in layers)
     for blocks_only in (True, False):
@@ -365,14 +249,82 @@ def default_layer(arch: str, module: nn.Module, preprocess: Preprocess) -> str:
     """The last block (a module with children) with a spatial output, or a LayerNorm after it
     on a grid (Swin's ``norm``). A LayerNorm ignores any scaling of its input at each position,
     so the block that feeds it alone has Σ_k G·A = 0 everywhere: HiResCAM there is rounding
-    noise. For ViT, the last encoder block's first LayerNorm, since its patch tokens are the
-    last to get a gradient."""
-    if arch.startswith("vit_"):
-        return f"encoder.layers.encoder_layer_{len(module.encoder.layers) - 1}.ln_1"
-    layers = [name for name, _, _ in _grids(module, preprocess)]
-    modules = dict(module.named_modules())
-    blocks = [name for name in layers
-              if isinstance(modules[name], nn.LayerNorm) or any(True for _ in modules[name].children())]
-    if not layers:
+    noise. For a token model (ViT, DeiT, register-token ViTs), the last LayerNorm whose patch
+    tokens still get a gradient (the last block's first one when a class token is classified)."""
+    grids = _grids(module, preprocess)
+    if not grids:
         raise ArgumentError("arch", arch, "has no layer with a spatial output; name a layer")
-    return (blocks or layers)[-1]
+    if _token_model(module, grids):
+        return _token_default(module, preprocess, grids)
+    return _blocks(module, grids)[-1]
+
+
+def _blocks(module: nn.Module, grids: list[tuple[str, tuple[int, ...], Layout]]) -> list[str]:
+    """Grid layers that are blocks (modules with children) or LayerNorms; all of them if none is."""
+    modules = dict(module.named_modules())
+    layers = [name for name, _, _ in grids]
+    return [name for name in layers if isinstance(modules[name], nn.LayerNorm)
+            or any(True for _ in modules[name].children())] or layers
+
+
+def _token_model(module: nn.Module, grids: list[tuple[str, tuple[int, ...], Layout]]) -> bool:
+    """Whether the last block on a grid holds tokens (NxTxC), as in a vision transformer."""
+    last = _blocks(module, grids)[-1]
+    return next(layout for name, _, layout in grids if name == last).kind == "tokens"
+
+
+def _token_default(module: nn.Module, preprocess: Preprocess,
+                   grids: list[tuple[str, tuple[int, ...], Layout]]) -> str:
+    """The last LayerNorm (else the last layer) of tokens whose patch positions get a gradient."""
+    reaching = _reaching_patches(module, preprocess, grids)
+    modules = dict(module.named_modules())
+    norms = [name for name in reaching if isinstance(modules[name], nn.LayerNorm)]
+    if not reaching:
+        raise ArgumentError("arch", type(module).__name__, "no token layer gets a gradient at its patch "
+                            "positions; name a layer")
+    return (norms or reaching)[-1]
+
+
+def _reaching_patches(module: nn.Module, preprocess: Preprocess,
+                      grids: list[tuple[str, tuple[int, ...], Layout]]) -> list[str]:
+    """Token layers whose patch tokens (prefix tokens aside) get a gradient, by one forward and
+    backward pass on a seeded random image: after the last block's attention only the class
+    token reaches a class-token head, so later layers have none there. The score is a random
+    projection of the head's input (of the logits when there is no linear head), so a head
+    started at zero (torchvision's ViT) or a LayerNorm's invariances cannot hide a path."""
+    layouts = {name: layout for name, _, layout in grids if layout.kind == "tokens"}
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(_m: nn.Module, _i: object, out: object) -> object:
+            kept[name] = out
+            return out.clone()  # an in-place op downstream must not change what we keep
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in module.named_modules() if n in layouts]
+    if linears:
+        handles.append(linears[-1].register_forward_pre_hook(lambda _m, args: kept.update(head=args[0])))
+    try:
+        with seeded(), evaluating(module), torch.enable_grad():
+            logits = logits_of(module(torch.randn_like(blank_input(module, preprocess))))
+            head = kept.get("head", logits).float()
+            score = (head * torch.randn_like(head)).sum()
+            names = [n for n in layouts if n in kept]
+            grads = torch.autograd.grad(score, [kept[n] for n in names], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return [n for n, g in zip(names, grads, strict=True)
+            if g is not None and bool(g[:, layouts[n].prefix:].abs().amax() > 0)]
+
+
+def _siblings(name: str, layers: list[str]) -> list[str]:
+    """The layers named like ``name`` but for one number (the same layer in every block), in
+    the order given; the number that varies is the one matching the most layers."""
+    best = [name]
+    for number in re.finditer(r"\d+", name):
+        pattern = re.escape(name[:number.start()]) + r"\d+" + re.escape(name[number.end():])
+        found = [layer for layer in layers if re.fullmatch(pattern, layer)]
+        best = found if len(found) > len(best) else best
+    return best

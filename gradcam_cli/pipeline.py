@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from .models import LoadedModel, blank_input, default_layer, layer_layout, stage
 from .proxies import Candidates
 from .render import grid_image, map_image
 from .runner import Item, Loaded, Task, run
-from .targets import Chooser, proxy_targets
+from .targets import Chooser, ClassTargets, class_targets, proxy_targets
 
 
 def resolve_layer(model: LoadedModel, layer: str | None) -> str:
@@ -61,8 +61,17 @@ def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
              layer: str | None = None, topk: int = 3, class_ids: Sequence[int] = (),
              methods: Sequence[str] = DEFAULT_METHODS, batch_size: int = 8,
              skip_existing: bool = False, stop: Callable[[], bool] = lambda: False,
-             progress: bool = False) -> Iterator[dict]:
+             progress: bool = False, class_names: Sequence[str] = (),
+             targets: str | Path | Mapping[str, Sequence[int | str]] | None = None,
+             score: str | None = None, negative: bool = False) -> Iterator[dict]:
     """Explain each image's top-k (or chosen) classes; yield one record per image, in order.
+
+    The classes: the top-k by logit, or ``class_ids`` and ``class_names`` (names resolved
+    against ``model.categories`` here, before any image), or each image's own (``targets``:
+    "folder" for its parent folder's name, a CSV file ``image,class`` or a mapping image ->
+    classes; an image without classes fails alone). Each is reported by ``score`` ("softmax";
+    "sigmoid" for multi-label heads; "logit"; default softmax, sigmoid for a one-output head)
+    and explained through its logit z, or -z with ``negative`` (``targets.class_targets``).
 
     A record's ``status`` is "ok" (classes, probabilities, files written), "skipped"
     (``skip_existing`` and an earlier run with the same settings left all its files) or
@@ -72,8 +81,9 @@ def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     and Ablation-CAM's per-image progress bars.
     """
     chosen = resolve_layer(model, layer)
-    job = Job(model, [chosen], topk, class_ids, methods, by_layer=False, tag=f"{model.arch}@{chosen}",
-              batch_size=batch_size, progress=progress)
+    classes = class_targets(model.categories, methods, topk, class_ids, class_names, targets, score, negative)
+    job = Job(model, [chosen], methods, by_layer=False, tag=f"{model.folder_name}@{chosen}",
+              target=classes.chooser, classes=classes, batch_size=batch_size, progress=progress)
     return run(job, images, output_dir, batch_size, skip_existing, stop)
 
 
@@ -81,7 +91,9 @@ def compare_layers(model: LoadedModel, images: Sequence[Item], output_dir: str |
                    layers: Sequence[str] = (), topk: int = 1, class_ids: Sequence[int] = (),
                    methods: Sequence[str] = ("gradcam",), batch_size: int = 8,
                    skip_existing: bool = False, stop: Callable[[], bool] = lambda: False,
-                   progress: bool = False) -> Iterator[dict]:
+                   progress: bool = False, class_names: Sequence[str] = (),
+                   targets: str | Path | Mapping[str, Sequence[int | str]] | None = None,
+                   score: str | None = None, negative: bool = False) -> Iterator[dict]:
     """Like ``classify``, with a row per layer (default: the stages) for each explained class.
 
     Only methods that depend on the layer make sense here; one forward and one backward pass
@@ -91,8 +103,9 @@ def compare_layers(model: LoadedModel, images: Sequence[Item], output_dir: str |
     if flat:
         raise ArgumentError("methods", flat[0], "does not depend on the layer; choose CAM methods "
                             f"({', '.join(CAM_METHODS)}) or guided-gradcam")
-    job = Job(model, resolve_layers(model, layers), topk, class_ids, methods, by_layer=True,
-              tag=f"{model.arch}@layers", batch_size=batch_size, progress=progress)
+    classes = class_targets(model.categories, methods, topk, class_ids, class_names, targets, score, negative)
+    job = Job(model, resolve_layers(model, layers), methods, by_layer=True, tag=f"{model.folder_name}@layers",
+              target=classes.chooser, classes=classes, batch_size=batch_size, progress=progress)
     return run(job, images, output_dir, batch_size, skip_existing, stop)
 
 
@@ -113,10 +126,9 @@ def embed(model: LoadedModel, images: Sequence[Item], candidates: Candidates,
     def target(paths: list[Path]) -> Chooser:
         return bind(*candidates.for_images(paths))
     where = "layers" if layers else names[0]
-    job = Job(model, names, topk, (), methods, by_layer=bool(layers),
-              tag=f"{model.arch}@{where}-embed", batch_size=batch_size, progress=progress,
-              names=candidates.names, value="similarity", target=target,
-              extra={"similarity": similarity, "candidates": _candidates_digest(candidates)})
+    job = Job(model, names, methods, by_layer=bool(layers), tag=f"{model.folder_name}@{where}-embed",
+              target=target, batch_size=batch_size, progress=progress, names=candidates.names,
+              extra={"topk": topk, "similarity": similarity, "candidates": _candidates_digest(candidates)})
     return run(job, images, output_dir, batch_size, skip_existing, stop)
 
 
@@ -133,35 +145,35 @@ class Job(Task):
 
     model: LoadedModel
     layers: list[str]
-    topk: int
-    class_ids: Sequence[int]
     methods: Sequence[str]
     by_layer: bool
     tag: str                                           # the image's output sub-folder
+    target: Callable[[list[Path]], Chooser]            # a batch's paths -> what each image explains
+    classes: ClassTargets | None = None                # a classifier's classes; None: embed's candidates
     batch_size: int = 8                                # perturbed copies per pass
     progress: bool = False
     names: Sequence[str] | None = None                 # candidates; None: the model's classes
-    value: str = "probability"                         # what a row's number is
-    target: Callable[[list[Path]], Chooser] | None = None  # None: top-k classes
     extra: dict = field(default_factory=dict)          # further settings (embed's candidates)
 
     def settings(self, path: Path) -> dict:
         """Model, layers, methods and candidates: what determines an image's files."""
+        own = self.classes.settings(path) if self.classes else {}
         return {"task": self.tag, "model": self.model.fingerprint(), "layers": self.layers,
-                "methods": list(self.methods), "topk": self.topk, "class_ids": list(self.class_ids),
-                **self.extra}
+                "methods": list(self.methods), **own, **self.extra}
 
     def decode(self, path: Path, image: Image.Image) -> Image.Image:
-        """The crop the model sees."""
+        """The crop the model sees; an image without classes of its own fails here, alone."""
+        if self.classes:
+            self.classes.check(path)
         return self.model.preprocess.model_pixels(image)
 
     def explain(self, batch: list[Loaded]) -> list[Explanation]:
         """One explanation per layer for the batch, from shared passes."""
         x = torch.stack([self.model.preprocess.to_tensor(item.data) for item in batch])
         x = x.to(next(self.model.module.parameters()).device)
-        target = self.target([item.path for item in batch]) if self.target else None
-        return explain_layers(self.model.module, x, self.layers, self.topk, self.class_ids,
-                              self.methods, self.batch_size, self.progress, target)
+        return explain_layers(self.model.module, x, self.layers, methods=self.methods,
+                              batch_size=self.batch_size, progress=self.progress,
+                              target=self.target([item.path for item in batch]))
 
     def files(self, record: dict) -> list[str]:
         """The grid and every map file."""
@@ -176,6 +188,8 @@ class Job(Task):
         width = len(str(len(names) - 1))
         classes, rows = [], []
         for k, class_id in enumerate(first.classes[i].tolist()):
+            if class_id < 0:
+                continue  # past this image's own classes
             name, value = names[class_id], float(first.scores[i, class_id])
             if not math.isfinite(value):
                 continue  # not a candidate for this image (its own side of a pair, or itself)
@@ -187,18 +201,45 @@ class Job(Task):
                 files = {m: str(atomic_write(where / f"{m}.png", png_bytes(p)))
                          for m, p in zip(methods, pictures, strict=True)}
                 maps.update({result.layer: files} if self.by_layer else files)
-                label = f"{name}\n{self.value[0]} = {value:.3f}" + \
+                label = f"{name}\n{self._symbol()} = {value:.3f}" + \
                     (f"\n{result.layer}" if self.by_layer else "")
                 rows.append((label, [crop, *pictures]))
             classes.append({"rank": k + 1, "class_id": class_id, "name": name,
-                            self.value: round(value, 6), "maps": maps})
+                            **self._score_fields(value), "maps": maps})
         if not rows:
             raise InputError(f"{item.path}: no candidate to compare with (only itself, or its own side)")
         where = {"layers": self.layers} if self.by_layer else {"layer": first.layer}
         atomic_write(folder / "grid.png", png_bytes(grid_image(["input", *methods], rows)))
         return {"arch": self.model.arch, "weights": self.model.weights, **where,
-                "input_size": list(crop.shape[:2]), "relu_gates": first.gates, "classes": classes,
-                "grid": str(folder / "grid.png")}
+                "preprocess": self.model.preprocess.to_dict(),
+                "input_size": list(crop.shape[:2]), "relu_gates": first.gates,
+                **self._predicted(first, i), "classes": classes, "grid": str(folder / "grid.png")}
+
+    def _symbol(self) -> str:
+        """How a row's number is labelled in the grid: p, logit, 1-p, -logit; s (similarity)."""
+        if self.classes is None:
+            return "s"
+        scoring = self.classes.scoring
+        symbol = "logit" if scoring.kind == "logit" else "p"
+        return ("-logit" if symbol == "logit" else "1-p") if scoring.negative else symbol
+
+    def _score_fields(self, value: float) -> dict:
+        """A class's number in its record: score and its kind (with "probability" for a softmax
+        score, as records had it); a candidate's similarity."""
+        if self.classes is None:
+            return {"similarity": round(value, 6)}
+        kind = self.classes.scoring.kind
+        return {"score": round(value, 6), "score_kind": kind,
+                **({"probability": round(value, 6)} if kind == "softmax" else {})}
+
+    def _predicted(self, result: Explanation, i: int) -> dict:
+        """A classifier's side and top-1 class (beside the explained ones: did the model agree?)."""
+        if self.classes is None or result.predicted is None:
+            return {}
+        class_id, value = result.predicted[i]
+        return {"negative": self.classes.scoring.negative,
+                "predicted": {"class_id": class_id, "name": self.model.categories[class_id],
+                              "score": round(value, 6)}}
 
 
 def _paths(maps: dict) -> Iterator[str]:

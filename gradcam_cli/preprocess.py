@@ -19,6 +19,10 @@ Resizing (``resize``):
 
 An image that cannot be brought to the input size this way is an ``InputError`` naming both
 sizes; it never comes out padded or distorted without being asked.
+
+``channels=1`` (a grayscale model): the resized, cropped pixels are converted to gray by PIL's
+luma weights (0.299 R + 0.587 G + 0.114 B, as torchvision's ``Grayscale``) and the model takes
+a 1xHxW tensor.
 """
 
 from __future__ import annotations
@@ -31,13 +35,13 @@ from pathlib import Path
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
+from torch import nn
 
-from .errors import ArgumentError, ArgumentTypeError, InputError, unknown
+from .choices import CROPS, INTERPOLATIONS, RESIZES
+from .errors import ArgumentError, ArgumentTypeError, InputError, quoted, unknown
 from .io import MAX_PIXELS
+from .layout import probe
 
-RESIZES = ("shorter", "squash", "none")
-CROPS = ("center", "none")
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 SIDECAR_SUFFIX = ".preprocess.json"  # model.pt -> model.preprocess.json
 
 
@@ -57,8 +61,12 @@ class Preprocess:
     def __post_init__(self) -> None:
         """Refuse any field that would give a wrong or undefined input, naming it."""
         size = tuple(self.input_size) if isinstance(self.input_size, (tuple, list)) else None
-        if size is None or len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
-            raise ArgumentError("input_size", self.input_size, "two positive integers: height, width")
+        if size is None or len(size) != 2 or not all(_is_count(v) for v in size):
+            raise ArgumentError("input_size", _listed(self.input_size),
+                                "two positive integers: height, width")
+        if size[0] * size[1] > MAX_PIXELS:
+            raise ArgumentError("input_size", _listed(size), f"{size[0] * size[1]:,} pixels, more "
+                                f"than the limit of {MAX_PIXELS:,}")
         object.__setattr__(self, "input_size", size)
         for name, choices in (("resize", RESIZES), ("crop", CROPS), ("interpolation", INTERPOLATIONS)):
             if getattr(self, name) not in choices:
@@ -70,16 +78,16 @@ class Preprocess:
             if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
                 raise ArgumentTypeError(name, values, "a sequence of numbers, one per channel")
             if len(values) != self.channels:
-                raise ArgumentError(name, tuple(values), f"{len(values)} values for a "
+                raise ArgumentError(name, _listed(values), f"{len(values)} values for a "
                                     f"{self.channels}-channel model; give one per channel")
-            if not all(math.isfinite(float(v)) for v in values):
-                raise ArgumentError(name, tuple(values), "every value must be a finite number")
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                raise ArgumentError(name, _listed(values), "every value must be a finite number")
             object.__setattr__(self, name, tuple(float(v) for v in values))
         if any(s <= 0 for s in self.std):
-            raise ArgumentError("std", self.std, "every value must be positive")
+            raise ArgumentError("std", _listed(self.std), "every value must be positive")
         if self.resize == "shorter" and self.resize_to is None:
             object.__setattr__(self, "resize_to", min(size))
-        if self.resize_to is not None and (not isinstance(self.resize_to, int) or self.resize_to < 1):
+        if self.resize_to is not None and not _is_count(self.resize_to):
             raise ArgumentError("resize_to", self.resize_to, "a positive number of pixels")
 
     @property
@@ -95,11 +103,13 @@ class Preprocess:
         if unknown_keys:
             name = sorted(unknown_keys)[0]
             raise unknown("preprocess", name, [f.name for f in fields(self)], "preprocessing field")
-        if "input_size" in changes and "resize_to" not in changes and self.resize_to is not None:
-            size = _pair(changes["input_size"])
-            changes["resize_to"] = round(min(size) * self.resize_to / min(self.input_size))
-        if changes.get("channels") == 1 and "mean" not in changes and len(self.mean) == 3:
-            changes["mean"], changes["std"] = _gray(self.mean), _gray(self.std)
+        if "input_size" in changes:
+            changes["input_size"] = size = _pair(changes["input_size"])
+            if "resize_to" not in changes and self.resize_to is not None and _is_pair(size):
+                changes["resize_to"] = round(min(size) * self.resize_to / min(self.input_size))
+        if changes.get("channels") == 1 and self.channels == 3:
+            for name in ("mean", "std"):
+                changes.setdefault(name, _gray(getattr(self, name)))
         return replace(self, **changes)
 
     def resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
@@ -114,9 +124,7 @@ class Preprocess:
             s = max(h / height, w / width)
             out = (round(width * s), round(height * s))
         else:
-            s = max(self.resize_to / min(size), h / height, w / width)
-            out = _shorter(size, self.resize_to) if s == self.resize_to / min(size) else (
-                math.ceil(width * s), math.ceil(height * s))
+            out = _shorter(size, self._covering(size))
         if out[0] * out[1] > MAX_PIXELS:
             raise InputError(f"{width}x{height} pixels: resized for the model it would be "
                              f"{out[0]}x{out[1]}, too many pixels (the limit is {MAX_PIXELS:,}); "
@@ -128,6 +136,15 @@ class Preprocess:
             raise InputError(f"{width}x{height} pixels: smaller than the input size {h}x{w} (height "
                              "x width) and resizing is off; allow resizing")
         return out
+
+    def _covering(self, size: tuple[int, int]) -> int:
+        """The shorter side to resize to: ``resize_to``, or the least length whose resized
+        image (as torchvision's ``Resize`` computes it) covers the input size."""
+        h, w = self.input_size
+        shorter = max(self.resize_to, math.floor(min(size) * max(h / size[1], w / size[0])))
+        while not _covers(_shorter(size, shorter), (w, h)):
+            shorter += 1
+        return shorter
 
     def model_pixels(self, image: Image.Image) -> Image.Image:
         """The exact pixels the model sees (mode RGB, or L for a one-channel model)."""
@@ -148,6 +165,19 @@ class Preprocess:
     def to_tensor(self, pixels: Image.Image) -> torch.Tensor:
         """Normalise ``model_pixels`` into the CxHxW float tensor the model takes."""
         return TF.normalize(TF.pil_to_tensor(pixels).float().div_(255), self.mean, self.std)
+
+    def describe(self) -> str:
+        """One line saying what is done to every image, for the log (the sizes are height x width)."""
+        steps = {("shorter", "center"): [f"shorter side to {self.resize_to}", "centre crop"],
+                 ("shorter", "none"): ["scaled to cover the input size, no crop"],
+                 ("none", "center"): ["no resizing", "centre crop"],
+                 ("none", "none"): ["no resizing or cropping (images must have the input size)"]}
+        said = ["squashed to the input size"] if self.resize == "squash" else steps[self.resize, self.crop]
+        if self.resize != "none":
+            said.append(self.interpolation)
+        height, width = self.input_size
+        return (f"{height}x{width} (height x width): {', '.join(said)}, mean {_listed(self.mean)}, "
+                f"std {_listed(self.std)}, {self.channels} channel{'s' * (self.channels > 1)}")
 
     def to_dict(self) -> dict:
         """Plain JSON values, as recorded in summary.json and read back by ``from_dict``."""
@@ -182,14 +212,57 @@ def from_dict(values: dict, base: Preprocess | None = None) -> Preprocess:
 
 
 def read_preprocess(path: str | Path, base: Preprocess | None = None) -> Preprocess:
-    """Read a preprocessing JSON file (complete, or changes on top of ``base``)."""
+    """Read a preprocessing JSON file (complete, or changes on top of ``base``); any problem
+    with it, a field's included, is said naming the file."""
+    values = read_changes(path)
+    try:
+        return from_dict(values, base)
+    except ArgumentError as exc:
+        raise in_file(exc, path) from exc
+
+
+def read_changes(path: str | Path) -> dict:
+    """The fields a preprocessing JSON file sets (an object of Preprocess field names), their
+    values unchecked until applied; unreadable files and unknown fields are refused."""
     try:
         values = json.loads(Path(path).read_text())
     except OSError as exc:
         raise ArgumentError("preprocess", str(path), f"cannot read ({exc.strerror})") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArgumentError("preprocess", str(path), f"not valid JSON ({exc})") from exc
-    return from_dict(values, base)
+    if not isinstance(values, dict):
+        raise ArgumentError("preprocess", str(path), "not a JSON object of preprocessing fields")
+    known = [f.name for f in fields(Preprocess)]
+    extra = sorted(set(values) - set(known))
+    if extra:
+        raise in_file(unknown("preprocess", extra[0], known, "preprocessing field"), path)
+    return values
+
+
+def in_file(error: ArgumentError, path: str | Path) -> ArgumentError:
+    """A field's error said as a problem of the file that gave the field."""
+    field = "field" if error.argument == "preprocess" else error.argument
+    return ArgumentError("preprocess", str(path), f"{field} {quoted(error.value)}: {error.problem}")
+
+
+def check_input(module: nn.Module, preprocess: Preprocess) -> None:
+    """Refuse, before any image is read, an input the model cannot take: another number of
+    channels than its first convolution's, or a size it refuses (torchvision's ViT runs at
+    its own size only). The forward pass is the probe that deciding layouts needs anyway."""
+    device = next(module.parameters(), torch.empty(0)).device
+    example = torch.zeros(1, preprocess.channels, *preprocess.input_size, device=device)
+    try:
+        probe(module, example)
+    except Exception as exc:  # whatever the model raises: say it, naming the option
+        cause = exc.__cause__ if isinstance(exc, ArgumentError) and exc.__cause__ else exc
+        first = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is not None and first.in_channels != preprocess.channels:
+            raise ArgumentError("channels", preprocess.channels, "the model cannot take it: its first "
+                                f"convolution takes {first.in_channels} channels") from exc
+        said = (str(cause).strip().splitlines() or [""])[0]
+        raise ArgumentError("input_size", _listed(preprocess.input_size),
+                            f"the model refuses a {'x'.join(map(str, example.shape[1:]))} input "
+                            f"({type(cause).__name__}: {said}); give the size it was made for") from exc
 
 
 def sidecar(checkpoint: str | Path) -> Path:
@@ -198,13 +271,35 @@ def sidecar(checkpoint: str | Path) -> Path:
     return path.with_name(path.stem + SIDECAR_SUFFIX)
 
 
-def _pair(size: object) -> tuple[int, int]:
-    """(height, width) from one number (square) or two."""
+def _pair(size: object) -> object:
+    """(height, width) from one number (square) or two; anything else as it is, for the check."""
     if isinstance(size, int):
         return size, size
     if isinstance(size, (tuple, list)) and len(size) == 1:
         return size[0], size[0]
     return tuple(size) if isinstance(size, (tuple, list)) else size
+
+
+def _is_count(value: object) -> bool:
+    """A positive integer (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_pair(size: object) -> bool:
+    """Two positive integers."""
+    return isinstance(size, tuple) and len(size) == 2 and all(map(_is_count, size))
+
+
+def _listed(values: object) -> object:
+    """Numbers as a flag takes them (0.5,0.5), for messages; anything else as it is."""
+    if isinstance(values, (tuple, list)) and all(isinstance(v, (int, float)) for v in values):
+        return ",".join(f"{v:g}" for v in values)
+    return values
+
+
+def _covers(size: tuple[int, int], needed: tuple[int, int]) -> bool:
+    """Whether (width, height) ``size`` is at least ``needed`` along both sides."""
+    return size[0] >= needed[0] and size[1] >= needed[1]
 
 
 def _shorter(size: tuple[int, int], shorter: int) -> tuple[int, int]:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .choices import PROXY_KINDS
+from .engine import logits_of
 from .errors import ArgumentError, InputError, UsageError, unknown
 from .inputs import BadInput, expand
 from .io import atomic_write, load_image
@@ -101,7 +102,7 @@ def embed_images(model: LoadedModel, paths: Sequence[Path], batch_size: int = 8)
                 raise UsageError(f"exemplar or reference {exc}; fix or remove it") from exc
             tensors.append(model.preprocess.to_tensor(crop))
         with torch.no_grad():
-            rows.append(model.module(torch.stack(tensors).to(device)).float().cpu())
+            rows.append(logits_of(model.module(torch.stack(tensors).to(device))).float().cpu())
     return torch.cat(rows)
 
 

@@ -11,6 +11,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .methods import CAM_METHODS
+
 TITLES = {"input": "input crop", "vanilla": "vanilla backprop", "guided": "guided backprop",
           "deconv": "deconvnet", "gradcam": "Grad-CAM", "guided-gradcam": "guided Grad-CAM",
           "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "Layer-CAM",
@@ -34,16 +36,23 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def as_rgb(picture: np.ndarray) -> np.ndarray:
+    """An HxWx3 picture; a one-channel model's HxW gray pixels drawn as RGB."""
+    return np.repeat(picture[..., None], 3, axis=2) if picture.ndim == 2 else picture
+
+
 def cam_overlay(cam: torch.Tensor, crop: np.ndarray) -> np.ndarray:
-    """Colour a 1xHxW CAM with the jet map and blend it over the RGB crop the model saw."""
+    """Colour a 1xHxW CAM with the jet map and blend it over the crop the model saw (RGB, or
+    a one-channel model's gray pixels)."""
     heat = matplotlib.colormaps["jet"](normalise(cam)[0].numpy())[..., :3]
-    blended = CAM_ALPHA * heat + (1 - CAM_ALPHA) * crop.astype(np.float64) / 255
+    blended = CAM_ALPHA * heat + (1 - CAM_ALPHA) * as_rgb(crop).astype(np.float64) / 255
     return (blended * 255).round().astype(np.uint8)
 
 
 def map_image(method: str, values: torch.Tensor, crop: np.ndarray) -> np.ndarray:
-    """The picture of one map: CAMs as overlays, gradient maps min-max normalised in RGB."""
-    if values.shape[0] == 1:
+    """The picture of one map: CAMs as overlays, gradient maps min-max normalised, in RGB, or
+    in gray for a one-channel model (whose gradients have one channel, like a CAM)."""
+    if method in CAM_METHODS:
         return cam_overlay(values, crop)
     return to_uint8(normalise(values))
 
@@ -76,7 +85,7 @@ def grid_image(columns: Sequence[str], rows: Sequence[tuple[str, Sequence[np.nda
         top = TITLE_HEIGHT + r * (cell_h + GAP)
         for c, image in enumerate(images):
             left = LABEL_WIDTH + c * (cell_w + GAP)
-            grid[top:top + cell_h, left:left + cell_w] = image
+            grid[top:top + cell_h, left:left + cell_w] = as_rgb(image)
     return grid
 
 

@@ -141,3 +141,16 @@ def test_a_1x1_grid_is_refused_not_drawn_uniform() -> None:
 def test_a_layout_that_does_not_fit_is_refused() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         to_nchw(torch.zeros(1, 8, 8, 12), Layout("nhwc", (8, 12)))
+
+
+def test_attention_heads_are_no_channels_last_grid() -> None:
+    """timm's attention keeps q and k as N x heads x T x d: only axis 2 follows the width, as in
+    a channels-last map, but it follows the height too, so it is no grid (it was taken for a
+    6 x 25 NHWC map); the tokens around it keep their 4x6 grid after the class token."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, dynamic_img_size=True, depth=2)
+    probed = probe(model, torch.zeros(1, 3, 64, 96))
+    assert probed["blocks.1.attn.k_norm"] == ((1, 6, 25, 64), None)
+    assert probed["blocks.1.norm1"][1] == Layout("tokens", (4, 6), 1)
+    with pytest.raises(ArgumentError, match="no spatial grid"):
+        explain(model, torch.randn(1, 3, 64, 96), "blocks.1.attn.k_norm")

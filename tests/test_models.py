@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import urllib.error
 from pathlib import Path
@@ -15,7 +16,7 @@ from torchvision.models import get_model, get_model_weights
 
 from gradcam_cli import ARCHITECTURES, UsageError, load_model
 from gradcam_cli.errors import ArgumentError
-from gradcam_cli.models import default_layer, find_layer, spatial_layers, stage_layers
+from gradcam_cli.models import default_layer, find_layer, load_embedder, spatial_layers, stage_layers
 from gradcam_cli.pipeline import resolve_layer, resolve_layers
 from gradcam_cli.preprocess import Preprocess
 
@@ -213,7 +214,7 @@ class _NoWeights(torch.nn.Module):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_weights_enum_is_preprocessed_by_its_own_transforms(
         arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gradcam_cli.models._download", lambda *_a: _NoWeights())
+    monkeypatch.setattr("gradcam_cli.sources.torchvision.download", lambda *_a: _NoWeights())
     image = Image.open(SAMPLES / "coffee.png").convert("RGB").resize((150, 110))
     for weights in get_model_weights(arch):
         ours = load_model(arch, weights.name).preprocess
@@ -259,3 +260,20 @@ def test_bad_checkpoints_are_one_clear_error(tmp_path: Path, name: str, write: o
         load_model("resnet18", str(path))
     assert info.value.argument == "weights" and reason in info.value.problem, info.value
     assert "code" not in info.value.problem  # only pickles with code are called that
+
+
+def test_embedder_checkpoint_brings_its_own_preprocessing(tmp_path: Path) -> None:
+    net = load_embedder("resnet18", "none", embedding_dim=8)
+    checkpoint = tmp_path / "metric.pt"
+    torch.save(net.module.state_dict(), checkpoint)
+    (tmp_path / "metric.preprocess.json").write_text(json.dumps(
+        {"input_size": [64, 96], "mean": [0.2, 0.2, 0.2], "std": [0.1, 0.1, 0.1], "resize": "squash"}))
+    model = load_embedder("resnet18", str(checkpoint), embedding_dim=8)
+    assert model.preprocess.input_size == (64, 96) and model.preprocess.mean == (0.2, 0.2, 0.2)
+    flagged = load_embedder("resnet18", str(checkpoint), embedding_dim=8, preprocess={"std": [0.3] * 3})
+    assert flagged.preprocess.std == (0.3, 0.3, 0.3) and flagged.preprocess.input_size == (64, 96)
+
+
+def test_load_model_refuses_an_input_the_model_cannot_take() -> None:
+    with pytest.raises(ArgumentError, match=r"^input_size='160,224': the model refuses"):
+        load_model("vit_b_16", "none", preprocess={"input_size": (160, 224)})

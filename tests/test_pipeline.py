@@ -187,12 +187,13 @@ def test_image_list_from_stdin(tmp_path: Path) -> None:
 
 def run_folder(tmp_path: Path, *paths: Path) -> tuple[int, list[dict], list[str]]:
     """classify over ``paths``: exit code, JSON records, and the stderr lines other than the
-    default-layer note."""
+    default-layer and preprocessing notes."""
     argv = [*BASE, "--output-dir", str(tmp_path / "out")]
     for path in paths:
         argv += ["--image-path", str(path)]
     code, out, err = run(*argv)
-    lines = [line for line in err.splitlines() if not line.startswith("gradcam: target layer")]
+    notes = ("gradcam: target layer", "gradcam: preprocessing ")
+    lines = [line for line in err.splitlines() if not line.startswith(notes)]
     return code, [json.loads(line) for line in out.splitlines()], lines
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,20 @@ def test_output_error_reports_every_image_written_before_it(tmp_path: Path,
     reported = [Path(r["image"]).stem for r in got]
     assert reported == sorted(on_disk) and {"0", "1", "2", "3"} <= on_disk
     assert not {"4", "5"} & on_disk
+
+
+@pytest.mark.parametrize("arch", ["hf/../../escape", "timm/vit_small", "module:pkg.mod:make"])
+def test_outputs_stay_one_folder_deep_whatever_the_arch_name(tmp_path: Path, arch: str) -> None:
+    image = tmp_path / "in.png"
+    Image.new("RGB", (16, 16), (255, 255, 255)).save(image)
+    model = gate_model()
+    model.arch = arch
+    (record,) = classify(model, [image], tmp_path / "out", layer="conv", topk=1, methods=["gradcam"])
+    out = (tmp_path / "out").resolve()
+    files = [p.resolve() for p in tmp_path.rglob("*") if p.is_file() and p != image]
+    assert files and all(p.is_relative_to(out) for p in files), files
+    folders = {p.relative_to(out).parts[:2] for p in files}  # (image folder, model@layer folder)
+    assert len(folders) == 1, folders
+    (_, tag), = folders
+    assert re.fullmatch(r"[A-Za-z0-9._-]+@conv", tag) and ".." not in tag, tag
+    assert record["arch"] == arch

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 
-from gradcam_cli import explain
+from gradcam_cli import classify, explain
+from gradcam_cli.classes import read_targets
+from gradcam_cli.errors import InputError
+from gradcam_cli.evaluation import evaluate
 from gradcam_cli.methods import DEFAULT_METHODS
-from gradcam_cli.targets import top_classes, top_proxies
+from gradcam_cli.models import LoadedModel
+from gradcam_cli.preprocess import Preprocess
+from gradcam_cli.targets import Scoring, image_classes, top_classes, top_proxies
 
+from .conftest import make_image
 from .scenes import PATTERN, scenes
 
 SIZE = 40
@@ -133,3 +143,131 @@ def test_top_classes_rank_near_tied_logits_by_the_logits() -> None:
     logits[0, [765, 132, 743]] = torch.tensor([6e-8, 4e-8, 2e-8])
     assert logits.softmax(dim=1).topk(3).indices.tolist() != [[765, 132, 743]]  # what misled it
     assert top_classes(topk=3)(logits).chosen.tolist() == [[765, 132, 743]]
+
+
+class OneOutput(torch.nn.Module):
+    """x (1x1x2x2) → 1x1 conv to 2 channels [w=1, w=-1] → ReLU → mean pool → linear [1, 3]:
+    a one-output head (binary classifier or regression), small enough to compute by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 1, bias=False)
+        self.fc = torch.nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+            self.fc.weight.copy_(torch.tensor([[1.0, 3.0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+X = torch.tensor([[[[1.0, -2.0], [3.0, 0.0]]]])
+# By hand: R0 = relu(x) = [[1,0],[3,0]], R1 = relu(-x) = [[0,2],[0,0]]; output z = 1·1 + 3·0.5 = 2.5.
+# Negative side S = -z: dS/dR0 = -1/4, dS/dR1 = -3/4 everywhere; masks R0>0 [[1,0],[1,0]], R1>0 [[0,1],[0,0]].
+NEGATIVE_VANILLA = [[-0.25, 0.75], [-0.25, 0.0]]  # -0.25·mask0 + (-0.75)·(-1)·mask1
+# Grad-CAM at conv: α0 = mean(-0.25·mask0) = -0.125, α1 = mean(-0.75·mask1) = -0.1875;
+# relu(-0.125·x + 0.1875·x) = relu(0.0625·x). The positive side: relu(-0.0625·x).
+NEGATIVE_CAM = [[0.0625, 0.0], [0.1875, 0.0]]
+POSITIVE_CAM = [[0.0, 0.125], [0.0, 0.0]]
+
+
+def test_negative_explains_minus_the_output_of_a_one_output_head() -> None:
+    """--negative: the maps of -z, computed by hand; reported score sigmoid(-z) = 1 - sigmoid(z)."""
+    negative = explain(OneOutput(), X, "conv", methods=["vanilla", "gradcam"],
+                       target=top_classes(1, scoring=Scoring("sigmoid", negative=True)))
+    positive = explain(OneOutput(), X, "conv", methods=["vanilla", "gradcam"],
+                       target=top_classes(1, scoring=Scoring("sigmoid")))
+    assert negative.classes.tolist() == [[0]]
+    assert torch.allclose(negative.maps["vanilla"][0, 0, 0], torch.tensor(NEGATIVE_VANILLA))
+    assert torch.allclose(positive.maps["vanilla"][0, 0, 0], -torch.tensor(NEGATIVE_VANILLA))
+    assert torch.allclose(negative.maps["gradcam"][0, 0, 0], torch.tensor(NEGATIVE_CAM))
+    assert torch.allclose(positive.maps["gradcam"][0, 0, 0], torch.tensor(POSITIVE_CAM))
+    assert negative.scores[0, 0].item() == pytest.approx(1 - 1 / (1 + math.exp(-2.5)))
+    assert positive.scores[0, 0].item() == pytest.approx(1 / (1 + math.exp(-2.5)))
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("softmax", lambda z: 1 - z.softmax(dim=1)),
+    ("sigmoid", lambda z: torch.sigmoid(-z)),
+    ("logit", lambda z: -z),
+])
+def test_negative_reports_the_other_side_of_each_score(kind: str, expected) -> None:
+    """The reported score is that of the explained side: 1 - p for probabilities, -z for logits;
+    the classes are still ranked by the logits, largest first."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, 40.0]], dtype=torch.float64)
+    target = top_classes(2, scoring=Scoring(kind, negative=True))(logits)
+    assert target.chosen.tolist() == [[3, 0]]
+    assert torch.allclose(target.table, expected(logits).float(), atol=1e-6)
+    assert torch.equal(target.score(logits), -logits[:, [3, 0]])
+
+
+def test_sigmoid_ranking_and_scores_on_a_multi_label_head(tmp_path: Path) -> None:
+    """A multi-label head through ``classify``: every reported score is torch.sigmoid of its
+    own logit (they need not sum to 1) and the top-k order is the sigmoid order."""
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 6))
+    with torch.no_grad():
+        net[4].weight.mul_(40)
+    names = [f"label {i}" for i in range(6)]
+    model = LoadedModel("tiny", net.eval(), names, Preprocess((16, 16), (0.5,) * 3, (0.25,) * 3), "test")
+    image = make_image(tmp_path / "a.png", size=(16, 16))
+    (record,) = classify(model, [image], tmp_path / "out", layer="0", topk=4, methods=["gradcam"],
+                         score="sigmoid")
+    x = torchvision.transforms.functional.normalize(
+        torchvision.transforms.functional.to_tensor(Image.open(image).convert("RGB")), [0.5] * 3, [0.25] * 3)
+    with torch.no_grad():
+        probabilities = torch.sigmoid(net(x[None]))[0]
+    order = probabilities.argsort(descending=True)[:4].tolist()
+    assert [c["class_id"] for c in record["classes"]] == order
+    assert all(c["score_kind"] == "sigmoid" and "probability" not in c for c in record["classes"])
+    assert [c["score"] for c in record["classes"]] == pytest.approx(probabilities[order].tolist(), abs=1e-6)
+    assert abs(probabilities.sum().item() - 1) > 0.1  # independent per label, not a softmax
+    assert record["predicted"]["class_id"] == order[0]
+
+
+def test_per_image_classes_pad_to_the_longest_and_mark_the_padding() -> None:
+    """Images with their own number of classes: the chosen ids padded with -1, the scores of
+    padded ranks taken from the image's first class (a real gradient, not a blank map)."""
+    logits = torch.tensor([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])
+    target = image_classes([[2], [0, 1]])(logits)
+    assert target.chosen.tolist() == [[2, -1], [0, 1]]
+    assert target.score(logits).tolist() == [[2.0, 2.0], [3.0, 4.0]]
+    assert target.predicted == [(2, pytest.approx(logits.softmax(1)[0, 2].item())),
+                                (2, pytest.approx(logits.softmax(1)[1, 2].item()))]
+
+
+def test_evaluate_measures_the_reported_score_of_the_explained_side(tmp_path: Path) -> None:
+    """A one-output head in ``evaluate``, classes from a mapping: the curves start at the
+    reported score, 1 - sigmoid(z) on the negative side (softmax would be a flat 1); a logit
+    score is refused, since Average Drop divides by a probability."""
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 1))
+    model = LoadedModel("tiny", net.eval(), ["positive"], Preprocess((16, 16), (0.5,) * 3, (0.25,) * 3), "t")
+    image = make_image(tmp_path / "a.png", size=(16, 16))
+    (record,) = evaluate(model, [image], tmp_path / "out", layer="0", methods=["gradcam"], steps=2,
+                         targets={"a.png": ["positive"]}, negative=True)
+    x = torchvision.transforms.functional.normalize(
+        torchvision.transforms.functional.to_tensor(Image.open(image).convert("RGB")), [0.5] * 3, [0.25] * 3)
+    with torch.no_grad():
+        z = net(x[None])[0, 0].item()
+    (explained,) = record["classes"]
+    assert explained["score_kind"] == "sigmoid" and record["negative"]
+    assert explained["score"] == pytest.approx(1 / (1 + math.exp(z)), abs=1e-6)
+    assert explained["metrics"]["gradcam"]["deletion_curve"][0] == pytest.approx(explained["score"], abs=1e-6)
+    with pytest.raises(ValueError, match="score='logit': evaluate's curves"):
+        evaluate(model, [image], tmp_path / "out", layer="0", score="logit")
+
+
+def test_targets_file_rows_match_the_longest_path_ending(tmp_path: Path) -> None:
+    """A row names an image by its path's ending: "x/a.png" beats "a.png" for x/a.png, "a.png"
+    still serves y/a.png; an Excel header (with its byte-order mark) is skipped, names and ids
+    both count, repeated rows once."""
+    table = tmp_path / "t.csv"
+    table.write_bytes("\ufeffImage,Class\na.png,dog\nx/a.png,1\nx/a.png,cat\nx/a.png,1\n".encode())
+    classes = read_targets(table, ["cat", "dog", "bird"])
+    assert classes.ids(tmp_path / "x" / "a.png") == [1, 0]
+    assert classes.ids(Path("y") / "a.png") == [1]
+    with pytest.raises(InputError, match=r"b\.png: no row for it in the targets file"):
+        classes.ids(tmp_path / "x" / "b.png")

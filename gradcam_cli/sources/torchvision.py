@@ -1,0 +1,79 @@
+"""torchvision classifiers by name, with DEFAULT, enum, none (random) or checkpoint weights; class
+names and preprocessing from the chosen weights' own metadata and ``transforms()``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import get_model, get_model_weights, list_models
+
+from ..errors import ArgumentError, unknown
+from ..preprocess import Preprocess
+from . import Source, no_pretrained_with_num_classes, seeded
+from .checkpoint import is_checkpoint, load_checkpoint
+
+ARCHITECTURES: tuple[str, ...] = tuple(sorted(list_models(module=torchvision.models)))
+
+
+def build(arch: str, weights: str, num_classes: int | None, unsafe_load: bool) -> Source:
+    """Build a torchvision classifier; random weights and checkpoints take the DEFAULT weights'
+    names and preprocessing (resnet50's V1 weights resize to 256, V2 to 232)."""
+    if arch not in ARCHITECTURES:
+        raise unknown("arch", arch, ARCHITECTURES, "architecture")
+    enum = get_model_weights(arch)
+    chosen, digest = enum.DEFAULT, None
+    if is_checkpoint(weights):
+        module = random_network(arch, num_classes or len(enum.DEFAULT.meta["categories"]))
+        source, digest = str(weights), load_checkpoint(module, weights, unsafe_load)
+    elif weights.lower() == "none":
+        module = random_network(arch, num_classes or len(enum.DEFAULT.meta["categories"]))
+        source = "none"
+    else:
+        if weights not in enum.__members__:
+            raise unknown("weights", weights, [*enum.__members__, "none"], f"weights for {arch}")
+        no_pretrained_with_num_classes(num_classes)
+        chosen = enum[weights]
+        module, source = download(arch, chosen), chosen.name
+    names = chosen.meta["categories"] or None  # feature-only weights (vgg16's) have none
+    return Source(module, names and list(names), _preprocess(chosen, module), source, digest)
+
+
+def random_network(arch: str, num_classes: int) -> nn.Module:
+    """Build a randomly initialised network; deterministic so that runs repeat exactly.
+
+    torchvision starts some heads at zero (ViT), which would make every logit constant and
+    every map blank; those are drawn at random instead (a checkpoint overwrites them anyway).
+    """
+    with seeded():
+        extra = {"init_weights": True} if arch in ("googlenet", "inception_v3") else {}
+        module = get_model(arch, weights=None, num_classes=num_classes, **extra)
+        for layer in module.modules():
+            if isinstance(layer, nn.Linear) and not layer.weight.any():
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+        return module
+
+
+def download(arch: str, weights: torchvision.models.WeightsEnum) -> nn.Module:
+    """Build with pretrained weights, turning a failed download into instructions."""
+    try:
+        return get_model(arch, weights=weights)
+    except OSError as exc:  # URLError, socket and HTTP errors are all OSErrors
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise ArgumentError(
+            "weights", weights.name, f"cannot download {arch}'s weights ({exc}); offline? give a "
+            f"checkpoint file as the weights, put {weights.url} at {cache} (TORCH_HOME sets the "
+            "cache), or use the weights 'none' for random weights") from exc
+
+
+def _preprocess(weights: torchvision.models.WeightsEnum, module: nn.Module) -> Preprocess:
+    """Preprocessing from the weights' transforms, sized to the model (ViT fixes its input)."""
+    t = weights.transforms()
+    crop, resize = t.crop_size[0], t.resize_size[0]
+    size = getattr(module, "image_size", crop)
+    if size != crop:
+        crop, resize = size, round(size * resize / crop)
+    return Preprocess((crop, crop), tuple(t.mean), tuple(t.std), resize_to=resize,
+                      interpolation=t.interpolation.value)
