@@ -7,3 +7,5 @@ SIMILARITIES = ("dot", "cosine")      # the score embed explains
 RESIZES = ("shorter", "squash", "none")          # how an image is brought to the input size
 CROPS = ("center", "none")                       # what is cut from the resized image
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+OCCLUSION_FILLS = ("zero", "mean", "blur")       # what an occlusion patch becomes
+OCCLUSION_BORDERS = ("edge", "pad")              # captum's windows, or seed 001's padding

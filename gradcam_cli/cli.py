@@ -16,7 +16,16 @@ import click
 from tqdm import tqdm
 
 from . import __version__
-from .choices import BASELINES, CROPS, INTERPOLATIONS, PROXY_KINDS, RESIZES, SIMILARITIES
+from .choices import (
+    BASELINES,
+    CROPS,
+    INTERPOLATIONS,
+    OCCLUSION_BORDERS,
+    OCCLUSION_FILLS,
+    PROXY_KINDS,
+    RESIZES,
+    SIMILARITIES,
+)
 from .classes import SCORES
 from .cleanup import remove_temporaries
 from .errors import ArgumentError, GradcamError, UsageError, quoted
@@ -27,6 +36,7 @@ if TYPE_CHECKING:  # the library is imported inside each command, so `--help` st
     import torch
 
     from .models import LoadedModel
+    from .occlusion import OcclusionSettings
 
 EXIT_CODES = """Exit codes: 0 every image done (or skipped); 1 at least one image failed, or an
 output could not be written; 2 usage error (bad option, unknown architecture, weights or layer),
@@ -136,6 +146,7 @@ FLAGS = {  # library argument -> the option that sets it
     "input_size": "--input-size", "resize": "--resize", "crop": "--crop", "mean": "--mean",
     "std": "--std", "channels": "--channels", "interpolation": "--interpolation",
     "preprocess": "--preprocess",
+    "patches": "--patch", "stride": "--stride", "fill": "--occlusion-fill", "border": "--occlusion-border",
 }
 
 
@@ -306,6 +317,45 @@ method_option = click.option(
          "`gradcam methods` lists them.")
 
 
+def parse_patches(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> tuple[int, ...]:
+    """--patch repeated or comma-separated: the patch sizes in pixels (checked by the library)."""
+    sizes = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    bad = next((n for n in sizes if not n.lstrip("-").isdigit()), None)
+    if bad is not None:
+        raise ArgumentError("patches", bad, "patch sizes are positive integers, comma-separated or repeated")
+    return tuple(int(n) for n in sizes)
+
+
+occlusion_options = option_group(
+    click.option("--patch", "patches", multiple=True, callback=parse_patches, metavar="P[,P…]",
+                 help="Occlusion: patch sizes in pixels of the model's input, comma-separated or "
+                      "repeated (a map each, e.g. 10,15,25,35,45,90 as seed 001's demo; default 32)."),
+    click.option("--stride", type=int, metavar="S",
+                 help="Occlusion: pixels between window positions (default: half of each patch)."),
+    click.option("--occlusion-fill", type=click.Choice(OCCLUSION_FILLS),
+                 help="Occlusion: what a patch becomes: zero in the normalised space (the "
+                      "normalisation's mean colour; default), the image's mean colour, or a blurred copy."),
+    click.option("--occlusion-border", type=click.Choice(OCCLUSION_BORDERS),
+                 help="Occlusion: edge (captum's windows, the last cut at the image's edge; default) "
+                      "or pad (seed 001: the input padded by half a patch of fill)."),
+)
+
+
+def occlusion_settings(methods: tuple[str, ...], patches: tuple[int, ...], stride: int | None,
+                       occlusion_fill: str | None, occlusion_border: str | None) -> OcclusionSettings:
+    """The occlusion options as the library's settings, checked once; refused without
+    --method occlusion, where they would do nothing."""
+    from .occlusion import OcclusionSettings
+    given = {"--patch": patches, "--stride": stride, "--occlusion-fill": occlusion_fill,
+             "--occlusion-border": occlusion_border}
+    flag = next((f for f, v in given.items() if v not in (None, ())), None)
+    if flag and "occlusion" not in methods:
+        raise UsageError(f"{flag} applies to --method occlusion, which is not asked for")
+    defaults = OcclusionSettings()
+    return OcclusionSettings(patches or defaults.patches, stride, occlusion_fill or defaults.fill,
+                             occlusion_border or defaults.border)
+
+
 def class_options(topk: int) -> Callable[[Callable], Callable]:
     """--topk (with the command's default), --class-id, --class-name, --targets, --score and
     --negative: which classes each image explains, how they are scored, and which side."""
@@ -346,21 +396,26 @@ def top_k(model: LoadedModel, default: int, topk: int | None, targets: str | Non
 @class_options(topk=3)
 @layer_option
 @method_option
+@occlusion_options
 def classify(arch: str, weights: str, num_classes: int | None, labels: str | None,
              unsafe_load: bool, cuda: bool | None, layer: str | None, methods: tuple[str, ...],
-             topk: int | None, class_ids: tuple[int, ...], **options: object) -> None:
+             topk: int | None, class_ids: tuple[int, ...], patches: tuple[int, ...], stride: int | None,
+             occlusion_fill: str | None, occlusion_border: str | None, **options: object) -> None:
     """Explain the top-k classes of a classifier with five maps per class."""
     from .methods import DEFAULT_METHODS
     from .models import load_model
     from .pipeline import classify as classify_images
     from .pipeline import resolve_layer
 
+    methods = methods or DEFAULT_METHODS
+    occlusion = occlusion_settings(methods, patches, stride, occlusion_fill, occlusion_border)
+
     def start(model: LoadedModel, _items: list) -> Callable[..., Iterator[dict]]:
         chosen = resolve_layer(model, layer)
         if layer is None:
             click.echo(f"gradcam: target layer {chosen} (default for {model.arch}; "
                        "change with --layer)", err=True)
-        return partial(classify_images, layer=chosen, methods=methods or DEFAULT_METHODS,
+        return partial(classify_images, layer=chosen, methods=methods, occlusion=occlusion,
                        topk=top_k(model, 3, topk, options["targets"]), class_ids=class_ids)
     load = preprocessed(partial(load_model, arch, weights, num_classes, labels, unsafe_load,
                                 pick_device(cuda)), arch, weights)
@@ -419,10 +474,13 @@ def compare_layers(arch: str, weights: str, num_classes: int | None, labels: str
 @click.option("--sanity", is_flag=True,
               help="Also run the cascading model-parameter randomisation test (slow: one "
                    "explanation per block of the network).")
+@occlusion_options
 def evaluate(arch: str, weights: str, num_classes: int | None, labels: str | None,
              unsafe_load: bool, cuda: bool | None, layer: str | None, methods: tuple[str, ...],
              topk: int | None, class_ids: tuple[int, ...], steps: int, baseline: str, masks: str | None,
-             boxes: str | None, tolerance: float, sanity: bool, **options: object) -> None:
+             boxes: str | None, tolerance: float, sanity: bool, patches: tuple[int, ...],
+             stride: int | None, occlusion_fill: str | None, occlusion_border: str | None,
+             **options: object) -> None:
     """Measure how faithful the maps are: deletion/insertion AUC, Average Drop/Increase,
     pointing games with --masks/--boxes, and the randomisation test with --sanity."""
     from .evaluation import evaluate as evaluate_images
@@ -432,6 +490,8 @@ def evaluate(arch: str, weights: str, num_classes: int | None, labels: str | Non
     from .pipeline import resolve_layer
     from .truth import read_truth
 
+    methods = methods or DEFAULT_METHODS
+    occlusion = occlusion_settings(methods, patches, stride, occlusion_fill, occlusion_border)
     truth = read_truth(masks, boxes)
     tag = {}  # the tables' name, <arch>@<layer>, known once the model is loaded
 
@@ -440,7 +500,7 @@ def evaluate(arch: str, weights: str, num_classes: int | None, labels: str | Non
         tag["name"] = f"{model.folder_name}@{chosen}"
         return partial(evaluate_images, layer=chosen, topk=top_k(model, 1, topk, options["targets"]),
                        class_ids=class_ids,
-                       methods=methods or DEFAULT_METHODS, steps=steps, baseline=baseline,
+                       methods=methods, occlusion=occlusion, steps=steps, baseline=baseline,
                        truth=truth, tolerance=tolerance, sanity=sanity)
 
     def finish(_model: LoadedModel, records: list[dict], as_json: bool) -> None:

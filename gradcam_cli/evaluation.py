@@ -26,7 +26,7 @@ import csv
 import io
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +37,13 @@ from . import metrics as MT
 from .choices import BASELINES
 from .engine import evaluating, logits_of
 from .errors import ArgumentError, InputError, unknown
-from .explanation import Explanation, explain
+from .explanation import Explanation, check_occlusion, explain
 from .io import atomic_write, json_bytes, png_bytes
-from .methods import CAM_METHODS, DEFAULT_METHODS
+from .methods import DEFAULT_METHODS, overlay, title
 from .models import LoadedModel
+from .occlusion import OcclusionSettings
 from .pipeline import resolve_layer
-from .render import TITLES, line_plot
+from .render import line_plot
 from .runner import Item, Loaded, Task, run
 from .sanity import cascade
 from .targets import ClassTargets, Scoring, class_targets, top_classes
@@ -60,6 +61,7 @@ class Settings:
     tolerance: float
     sanity: bool
     batch_size: int
+    occlusion: OcclusionSettings = field(default_factory=OcclusionSettings)
 
 
 COLUMNS = ("image", "class_id", "name", "method", "deletion_auc", "insertion_auc",
@@ -74,8 +76,10 @@ def evaluate(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
              stop: Callable[[], bool] = lambda: False, progress: bool = False,
              class_names: Sequence[str] = (),
              targets: str | Path | Mapping[str, Sequence[int | str]] | None = None,
-             score: str | None = None, negative: bool = False) -> Iterator[dict]:
-    """Yield one record per image with every metric of every explained class and method.
+             score: str | None = None, negative: bool = False,
+             occlusion: OcclusionSettings | None = None) -> Iterator[dict]:
+    """Yield one record per image with every metric of every explained class and method
+    (each occlusion patch size's map is measured as a method of its own, occlusion-P).
 
     Classes are chosen and scored as by ``classify`` (``targets="folder"`` measures each
     image's true class); the curves and confidence changes follow the reported score of the
@@ -94,7 +98,8 @@ def evaluate(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     if classes.scoring.kind == "logit":
         raise ArgumentError("score", score, "evaluate's curves and Average Drop need a probability "
                             "(softmax or sigmoid)")
-    settings = Settings(chosen, methods, steps, baseline, tolerance, sanity, batch_size)
+    settings = Settings(chosen, methods, steps, baseline, tolerance, sanity, batch_size,
+                        check_occlusion(occlusion))
     task = Evaluation(model, settings, classes, truth, progress)
     return run(task, images, output_dir, batch_size, skip_existing, stop)
 
@@ -121,9 +126,14 @@ class Evaluation(Task):
         """Model, layer, methods, classes, curve and truth settings, and this image's truth."""
         truth = None if self.truth is None else self.truth.source(path)
         return {"task": self.tag, "model": self.model.fingerprint(), "layer": self.run.layer,
-                "methods": list(self.run.methods), **self.classes.settings(path), "steps": self.run.steps,
+                "methods": list(self.run.methods), **self._occlusion(),
+                **self.classes.settings(path), "steps": self.run.steps,
                 "baseline": self.run.baseline, "tolerance": self.run.tolerance,
                 "sanity": self.run.sanity, "truth": truth}
+
+    def _occlusion(self) -> dict:
+        """Occlusion's settings, when its maps are measured."""
+        return {"occlusion": self.run.occlusion.to_dict()} if "occlusion" in self.run.methods else {}
 
     def decode(self, path: Path, image: Image.Image) -> tuple:
         """The crop the model sees, the object mask cropped alike (if any), and the scale from
@@ -141,7 +151,8 @@ class Evaluation(Task):
         x = x.to(next(self.model.module.parameters()).device)
         return x, explain(self.model.module, x, self.run.layer, methods=self.run.methods,
                           batch_size=self.run.batch_size, progress=self.progress,
-                          target=self.classes.chooser([item.path for item in batch]))
+                          target=self.classes.chooser([item.path for item in batch]),
+                          occlusion=self.run.occlusion)
 
     def files(self, record: dict) -> list[str]:
         """The curves plot, and the sanity plot when the randomisation test ran."""
@@ -160,8 +171,8 @@ class Evaluation(Task):
             score = _scorer(self.model.module, class_id, scoring)
             original = float(result.scores[i, class_id])
             radii = (run.tolerance * scale[0], run.tolerance * scale[1])
-            rows = {m: _measure(score, x[i], MT.saliency_of(result.maps[m][i, k], m in CAM_METHODS),
-                                base, original, mask, radii, run) for m in run.methods}
+            rows = {m: _measure(score, x[i], MT.saliency_of(result.maps[m][i, k], overlay(m)),
+                                base, original, mask, radii, run) for m in result.maps}
             probability = {"probability": round(original, 6)} if scoring.kind == "softmax" else {}
             classes.append({"rank": k + 1, "class_id": class_id,
                             "name": self.model.categories[class_id], "score": round(original, 6),
@@ -211,9 +222,9 @@ def _sanity(model: LoadedModel, x: torch.Tensor, class_ids: list[int], scoring: 
     """Cascading randomisation: per block, the Spearman correlation of each class's maps."""
     def maps(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         result = explain(module, x[None], run.layer, methods=run.methods, batch_size=run.batch_size,
-                         target=top_classes(class_ids=class_ids, scoring=scoring))
-        return {f"{c}/{m}": MT.saliency_of(result.maps[m][0, k], m in CAM_METHODS)
-                for k, c in enumerate(class_ids) for m in run.methods}
+                         target=top_classes(class_ids=class_ids, scoring=scoring), occlusion=run.occlusion)
+        return {f"{c}/{m}": MT.saliency_of(result.maps[m][0, k], overlay(m))
+                for k, c in enumerate(class_ids) for m in result.maps}
     steps = cascade(model.module, x[None], maps, MT.spearman)
     return [{"layer": name, "spearman": scores} for name, scores in steps]
 
@@ -278,7 +289,7 @@ def curves_plot(records: Sequence[dict]) -> np.ndarray:
             curves = [c["metrics"][method][f"{kind}_curve"] for r in _measured(records)
                       for c in r["classes"]]
             mean = torch.tensor(curves).mean(dim=0)
-            lines[f"{TITLES.get(method, method)} (AUC {MT.auc(mean):.3f})"] = mean.tolist()
+            lines[f"{title(method)} (AUC {MT.auc(mean):.3f})"] = mean.tolist()
         steps = len(next(iter(lines.values()))) - 1
         panels.append((f"{kind} ({'lower' if kind == 'deletion' else 'higher'} is better)",
                        f"fraction of pixels {'removed' if kind == 'deletion' else 'inserted'}",
@@ -290,7 +301,7 @@ def sanity_plot(records: Sequence[dict]) -> np.ndarray:
     """Mean Spearman correlation per method after each block is randomised, top block first."""
     first = next(r for r in _measured(records) if "sanity" in r)
     names = [s["layer"] for s in first["sanity"]]
-    lines = {TITLES.get(m, m): scores for m, scores in _sanity_means(records).items()}
+    lines = {title(m): scores for m, scores in _sanity_means(records).items()}
     return line_plot([("cascading randomisation (Adebayo et al. 2018)",
                        "randomised down to block", "Spearman correlation with the trained map",
                        names, lines)])

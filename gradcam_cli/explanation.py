@@ -15,12 +15,14 @@ from .engine import ForwardPass, forward_pass
 from .errors import ArgumentError, ArgumentTypeError, UsageError, unknown
 from .layout import Layout, to_nchw
 from .models import find_layer, layer_layout
+from .occlusion import OcclusionSettings, occlusion_maps
 from .targets import Chooser, Target, top_classes
 
 
 @dataclass
 class Explanation:
-    """Maps for a batch: ``maps[method]`` is NxKxCxHxW for candidate ``classes[n, k]`` of image n.
+    """Maps for a batch: ``maps[method]`` is NxKxCxHxW for candidate ``classes[n, k]`` of image n
+    (occlusion with several patch sizes gives ``maps["occlusion-P"]``, one per size).
 
     ``scores`` (NxC) holds every candidate's value: class probabilities for a classifier,
     similarities to every proxy or reference for an embedding network.
@@ -47,16 +49,18 @@ ZERO_GRADIENT = ("the explained score's gradient is zero at every position of th
 def explain(module: nn.Module, inputs: torch.Tensor, layer: str, topk: int = 3,
             class_ids: Sequence[int] = (), methods: Sequence[str] = M.DEFAULT_METHODS,
             batch_size: int = 32, progress: bool = False,
-            target: Chooser | None = None) -> Explanation:
+            target: Chooser | None = None, occlusion: OcclusionSettings | None = None) -> Explanation:
     """One forward pass for the batch, then per class only the backward passes ``methods`` need.
 
     The explained scores are the top-k (or ``class_ids``) logits, or what ``target`` chooses
-    (e.g. ``targets.top_proxies`` for an embedding network). Score-CAM and Ablation-CAM add
-    forward passes per image, ``batch_size`` perturbed copies at a time (with progress bars
-    when ``progress``); one set of passes serves every class.
+    (e.g. ``targets.top_proxies`` for an embedding network). Score-CAM, Ablation-CAM and
+    occlusion add forward passes per image, ``batch_size`` perturbed copies at a time (with
+    progress bars when ``progress``); one set of passes serves every class. ``occlusion``
+    sets occlusion's patches, stride, fill and border (default ``OcclusionSettings()``); with
+    several patch sizes its maps are named occlusion-P, one per size.
     """
     return explain_layers(module, inputs, [layer], topk, class_ids, methods, batch_size,
-                          progress, target)[0]
+                          progress, target, occlusion)[0]
 
 
 def check_methods(methods: Sequence[str]) -> None:
@@ -70,11 +74,13 @@ def check_methods(methods: Sequence[str]) -> None:
 
 def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str], topk: int = 3,
                    class_ids: Sequence[int] = (), methods: Sequence[str] = M.DEFAULT_METHODS,
-                   batch_size: int = 32, progress: bool = False,
-                   target: Chooser | None = None) -> list[Explanation]:
+                   batch_size: int = 32, progress: bool = False, target: Chooser | None = None,
+                   occlusion: OcclusionSettings | None = None) -> list[Explanation]:
     """``explain`` for several layers at once: the forward pass and each class's backward
-    passes are shared, so gradient CAMs for every layer cost no more passes than for one."""
+    passes are shared, so gradient CAMs for every layer cost no more passes than for one
+    (and layer-independent maps are computed once)."""
     check_methods(methods)
+    occlusion = check_occlusion(occlusion)
     choose = target or top_classes(topk, class_ids)
     modules = {name: find_layer(module, name) for name in layers}
     layouts = {name: layer_layout(module, name, inputs) for name in layers}
@@ -93,6 +99,8 @@ def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str
         acts = {name: fp.activations[name].detach() for name in layers}
         outputs = fp.logits.detach()
     size = tuple(inputs.shape[-2:])
+    occluded = (_occlusion(module, inputs, chosen, occlusion, batch_size, progress)
+                if "occlusion" in methods else {})
     results = []
     for name in layers:
         maps = {m: torch.stack([r[name, m] for r in ranks], dim=1) for m in methods
@@ -104,9 +112,31 @@ def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str
             if method in methods:
                 maps[method] = _perturbation_cam(method, module, modules[name], inputs, acts[name],
                                                  layouts[name], outputs, chosen, batch_size, progress)
-        results.append(Explanation(chosen.table, chosen.chosen, {m: maps[m] for m in methods},
+        maps.update(occluded)
+        names = [n for m in methods for n in (occlusion.names() if m == "occlusion" else [m])]
+        results.append(Explanation(chosen.table, chosen.chosen, {n: maps[n] for n in names},
                                    name, gates, errors, chosen.predicted))
     return results
+
+
+def check_occlusion(occlusion: OcclusionSettings | None) -> OcclusionSettings:
+    """Occlusion's settings, the defaults for None; anything else is refused."""
+    if occlusion is None:
+        return OcclusionSettings()
+    if not isinstance(occlusion, OcclusionSettings):
+        raise ArgumentTypeError("occlusion", occlusion, "an OcclusionSettings(patches=…, stride=…, fill=…)")
+    return occlusion
+
+
+def _occlusion(module: nn.Module, inputs: torch.Tensor, target: Target, settings: OcclusionSettings,
+               batch_size: int, progress: bool) -> dict[str, torch.Tensor]:
+    """Occlusion's maps (one per patch size), from passes on the fast inference copy."""
+    fast = P.inference_copy(module)
+    try:
+        return occlusion_maps(fast, inputs.detach(), target, settings, batch_size, progress)
+    finally:  # a torch.fx copy sits in reference cycles: free it now, not later
+        del fast
+        gc.collect()
 
 
 def _explain_class(fp: ForwardPass, scores: torch.Tensor, layers: Sequence[str], methods: Sequence[str],

@@ -5,44 +5,106 @@ Vanilla backprop, guided backprop and deconvnet are input gradients under the en
 activations A (NxCxhxw) and, where it needs them, the class score's gradients G = dS/dA or
 per-channel weights from extra forward passes (``perturb``); ``cam`` does the part they share:
 fold the layer's layout, take the ReLU and upsample to the input crop.
+
+``REGISTRY`` holds one entry per method (name, title, description, what it needs, default);
+every list of names callers use is derived from it. Occlusion's passes are in ``occlusion``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .layout import Layout, to_nchw
 
-GRADIENT_METHODS = {"vanilla": "plain", "guided": "guided", "deconv": "deconv"}
-DEFAULT_METHODS = ("vanilla", "guided", "deconv", "gradcam", "guided-gradcam")
-GRADIENT_CAMS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
-PERTURBATION_CAMS = ("scorecam", "ablationcam")
-CAM_METHODS = (*GRADIENT_CAMS, "eigencam", *PERTURBATION_CAMS)
-METHODS = (*DEFAULT_METHODS, *CAM_METHODS[1:])
-DESCRIPTIONS = {
-    "vanilla": "gradient of the class score w.r.t. the input (Simonyan et al. 2014)",
-    "guided": "guided backprop: only positive gradients through positive ReLU inputs "
-              "(Springenberg et al. 2014)",
-    "deconv": "deconvnet: positive part of the gradient through every ReLU (Zeiler & Fergus 2013)",
-    "gradcam": "channels weighted by their mean gradient (Selvaraju et al. 2017)",
-    "guided-gradcam": "guided backprop x upsampled Grad-CAM (Selvaraju et al. 2017)",
-    "gradcam++": "channels weighted by positive gradients with per-position coefficients "
-                 "(Chattopadhay et al. 2018)",
-    "xgradcam": "channels weighted by gradients averaged with the activations as weights "
-                "(Fu et al. 2020)",
-    "layercam": "every position weighted by its own positive gradient (Jiang et al. 2021)",
-    "hirescam": "activations times gradients element-wise, summed over channels "
-                "(Draelos & Carin 2020)",
-    "eigencam": "first principal component of the activations, class-agnostic, sign set by the "
-                "total activation (Muhammad & Yeasin 2020)",
-    "scorecam": "channels weighted by the class score of the input masked by each channel "
-                "(Wang et al. 2020); one forward pass per channel",
-    "ablationcam": "channels weighted by the score drop when each is zeroed (Desai & Ramaswamy "
-                   "2020); one pass of the layers after the target per channel",
-}
+
+@dataclass(frozen=True)
+class Method:
+    """One explanation method: its name, what it computes, what it needs, how it is drawn."""
+
+    name: str
+    title: str          # the column title in grids and plots
+    description: str    # one line for `gradcam methods`
+    needs: str          # what it is computed from: input-gradient (under ``rule``), layer-gradient,
+                        # guided-and-layer-gradient, layer (activations only), layer-passes (a
+                        # forward pass per channel), input-passes (a forward pass per patch position)
+    rule: str | None = None   # an input-gradient method's engine rule
+    default: bool = False     # computed when no method is given
+
+    @property
+    def layered(self) -> bool:
+        """Whether the map depends on the target layer (so compare-layers can use it)."""
+        return self.needs not in ("input-gradient", "input-passes")
+
+    @property
+    def overlay(self) -> bool:
+        """Whether the map is one channel drawn as a heat map over the crop (CAMs, occlusion),
+        rather than an input gradient's picture."""
+        return self.needs in ("layer-gradient", "layer", "layer-passes", "input-passes")
+
+
+REGISTRY: tuple[Method, ...] = (
+    Method("vanilla", "vanilla backprop", "gradient of the class score w.r.t. the input "
+           "(Simonyan et al. 2014)", "input-gradient", rule="plain", default=True),
+    Method("guided", "guided backprop", "guided backprop: only positive gradients through positive "
+           "ReLU inputs (Springenberg et al. 2014)", "input-gradient", rule="guided", default=True),
+    Method("deconv", "deconvnet", "deconvnet: positive part of the gradient through every ReLU "
+           "(Zeiler & Fergus 2013)", "input-gradient", rule="deconv", default=True),
+    Method("gradcam", "Grad-CAM", "channels weighted by their mean gradient (Selvaraju et al. 2017)",
+           "layer-gradient", default=True),
+    Method("guided-gradcam", "guided Grad-CAM", "guided backprop x upsampled Grad-CAM "
+           "(Selvaraju et al. 2017)", "guided-and-layer-gradient", default=True),
+    Method("gradcam++", "Grad-CAM++", "channels weighted by positive gradients with per-position "
+           "coefficients (Chattopadhay et al. 2018)", "layer-gradient"),
+    Method("xgradcam", "XGrad-CAM", "channels weighted by gradients averaged with the activations as "
+           "weights (Fu et al. 2020)", "layer-gradient"),
+    Method("layercam", "Layer-CAM", "every position weighted by its own positive gradient "
+           "(Jiang et al. 2021)", "layer-gradient"),
+    Method("hirescam", "HiResCAM", "activations times gradients element-wise, summed over channels "
+           "(Draelos & Carin 2020)", "layer-gradient"),
+    Method("eigencam", "Eigen-CAM", "first principal component of the activations, class-agnostic, "
+           "sign set by the total activation (Muhammad & Yeasin 2020)", "layer"),
+    Method("scorecam", "Score-CAM", "channels weighted by the class score of the input masked by each "
+           "channel (Wang et al. 2020); one forward pass per channel", "layer-passes"),
+    Method("ablationcam", "Ablation-CAM", "channels weighted by the score drop when each is zeroed "
+           "(Desai & Ramaswamy 2020); one pass of the layers after the target per channel",
+           "layer-passes"),
+    Method("occlusion", "occlusion", "drop of the class score when a patch covers each position, "
+           "averaged over overlapping patches (Zeiler & Fergus 2014); one pass per patch position",
+           "input-passes"),
+)
+REGISTRY_BY_NAME = {m.name: m for m in REGISTRY}
+
+# The names callers use, all derived from the registry.
+METHODS = tuple(m.name for m in REGISTRY)
+DEFAULT_METHODS = tuple(m.name for m in REGISTRY if m.default)
+DESCRIPTIONS = {m.name: m.description for m in REGISTRY}
+GRADIENT_METHODS = {m.name: m.rule for m in REGISTRY if m.needs == "input-gradient"}
+GRADIENT_CAMS = tuple(m.name for m in REGISTRY if m.needs == "layer-gradient")
+PERTURBATION_CAMS = tuple(m.name for m in REGISTRY if m.needs == "layer-passes")
+CAM_METHODS = tuple(m.name for m in REGISTRY if m.overlay and m.layered)
+
+
+def method_of(map_name: str) -> Method:
+    """The registry entry a map's name comes from: occlusion-35 (one of several patch sizes)
+    is occlusion's."""
+    base, _, size = map_name.rpartition("-")
+    return REGISTRY_BY_NAME[base] if base == "occlusion" and size.isdigit() else REGISTRY_BY_NAME[map_name]
+
+
+def title(map_name: str) -> str:
+    """A map's title in grids and plots: the method's, with the patch size of an occlusion map."""
+    size = map_name.rpartition("-")[2]
+    entry = method_of(map_name)
+    return f"{entry.title} {size} px" if entry.name != map_name else entry.title
+
+
+def overlay(map_name: str) -> bool:
+    """Whether a map is drawn over the crop as a heat map (and measured as it is)."""
+    return method_of(map_name).overlay
 
 
 def upsample(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -29,8 +29,8 @@ from .layout import Layout, to_nchw
 from .methods import upsample
 
 
-def _chunks(indices: torch.Tensor, size: int, desc: str, progress: bool) -> Iterator[torch.Tensor]:
-    """Split channel indices into batches, with a progress bar when asked."""
+def chunks(indices: torch.Tensor, size: int, desc: str, progress: bool) -> Iterator[torch.Tensor]:
+    """Split indices (channels, window positions) into batches, with a progress bar when asked."""
     parts = list(indices.split(max(1, size)))
     yield from tqdm(parts, desc=desc, unit="batch", leave=False, disable=not progress)
 
@@ -53,7 +53,7 @@ def score_logits(fast: nn.Module, image: torch.Tensor, activations: torch.Tensor
         if len(constant):  # an all-zero mask: one pass serves every constant channel
             blank = logits_of(fast(torch.zeros_like(image)))[0]
             rows.update({int(c): blank for c in constant})
-        for chunk in _chunks(varying, batch_size, "scorecam", progress):
+        for chunk in chunks(varying, batch_size, "scorecam", progress):
             masks = upsample(acts[chunk], tuple(image.shape[-2:]))    # B x 1 x H x W
             low = masks.amin(dim=(2, 3), keepdim=True)
             masks = (masks - low) / (masks.amax(dim=(2, 3), keepdim=True) - low)
@@ -94,7 +94,7 @@ def _ablate(module: nn.Module, layer: nn.Module, image: torch.Tensor, output: to
     """Run the batches of outputs with channels (``axis``) zeroed; ``repeat`` feeds a full input
     per ablated copy."""
     rows = []
-    for chunk in _chunks(torch.arange(output.shape[axis]), batch_size, "ablationcam", progress):
+    for chunk in chunks(torch.arange(output.shape[axis]), batch_size, "ablationcam", progress):
         ablated = output.repeat_interleave(len(chunk), dim=0)
         index: list[slice | torch.Tensor] = [slice(None)] * output.dim()
         index[0], index[axis] = torch.arange(len(chunk)), chunk

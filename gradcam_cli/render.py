@@ -11,13 +11,10 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .methods import CAM_METHODS
+from .methods import REGISTRY, overlay
+from .methods import title as map_title
 
-TITLES = {"input": "input crop", "vanilla": "vanilla backprop", "guided": "guided backprop",
-          "deconv": "deconvnet", "gradcam": "Grad-CAM", "guided-gradcam": "guided Grad-CAM",
-          "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "Layer-CAM",
-          "hirescam": "HiResCAM", "eigencam": "Eigen-CAM", "scorecam": "Score-CAM",
-          "ablationcam": "Ablation-CAM"}
+TITLES = {"input": "input crop", **{m.name: m.title for m in REGISTRY}}
 CAM_ALPHA = 0.5
 DPI = 100
 LABEL_WIDTH, TITLE_HEIGHT, GAP = 120, 22, 4  # pixels
@@ -52,7 +49,7 @@ def cam_overlay(cam: torch.Tensor, crop: np.ndarray) -> np.ndarray:
 def map_image(method: str, values: torch.Tensor, crop: np.ndarray) -> np.ndarray:
     """The picture of one map: CAMs as overlays, gradient maps min-max normalised, in RGB, or
     in gray for a one-channel model (whose gradients have one channel, like a CAM)."""
-    if method in CAM_METHODS:
+    if overlay(method):
         return cam_overlay(values, crop)
     return to_uint8(normalise(values))
 
@@ -71,7 +68,7 @@ def grid_image(columns: Sequence[str], rows: Sequence[tuple[str, Sequence[np.nda
     canvas = FigureCanvasAgg(fig)
     for c, column in enumerate(columns):
         x = LABEL_WIDTH + c * (cell_w + GAP) + cell_w / 2
-        fig.text(x / width, 1 - 4 / height, TITLES.get(column, column), fontsize=9,
+        fig.text(x / width, 1 - 4 / height, TITLES.get(column) or map_title(column), fontsize=9,
                  ha="center", va="top")
     for r, (label, _) in enumerate(rows):
         middle = TITLE_HEIGHT + r * (cell_h + GAP) + cell_h / 2

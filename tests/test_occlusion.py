@@ -1,0 +1,253 @@
+"""Occlusion sensitivity against captum's ``Occlusion`` and seed 001's (grad-cam-pytorch) own
+definition, on small random networks; its options, batches, records and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from captum.attr import Occlusion
+from torch import nn
+
+from gradcam_cli import perturb as P
+from gradcam_cli.errors import ArgumentError
+from gradcam_cli.explanation import explain
+from gradcam_cli.metrics import baseline_of
+from gradcam_cli.occlusion import OcclusionSettings, window_drops
+from gradcam_cli.targets import top_classes, top_proxies
+
+from .conftest import make_image
+from .test_cli import run
+
+
+def small_net(outputs: int = 5) -> nn.Module:
+    """A random conv net with batch norm (folded in the fast copy), global pooling and a head."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, outputs))
+    with torch.no_grad():  # a batch norm that is not the identity
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+X = torch.randn(2, 3, 20, 17, generator=torch.Generator().manual_seed(1))
+
+
+def captum_map(forward: nn.Module, x: torch.Tensor, patch: int, stride: int, fill: str,
+               target: int) -> torch.Tensor:
+    """captum's Occlusion of one image with the same window, stride and baseline, one channel."""
+    baselines = baseline_of(x[0], fill)[None]
+    attribution = Occlusion(forward).attribute(x, sliding_window_shapes=(3, patch, patch),
+                                               strides=(3, stride, stride), baselines=baselines,
+                                               target=target, perturbations_per_eval=64)
+    return attribution[0, :1]
+
+
+@pytest.mark.parametrize(("patch", "stride", "fill"), [(5, 2, "zero"), (6, 4, "mean"), (7, 7, "blur"),
+                                                       (4, 3, "zero")])
+def test_occlusion_equals_captum(patch: int, stride: int, fill: str) -> None:
+    """Every image and explained class equals captum's, also where the last window is cut by
+    the image's edge (20 - 7 is no multiple of 7)."""
+    net = small_net()
+    result = explain(net, X, "2", topk=2, methods=["occlusion"],
+                     occlusion=OcclusionSettings(patches=(patch,), stride=stride, fill=fill))
+    assert result.maps["occlusion"].shape == (2, 2, 1, 20, 17)
+    for n in range(2):
+        for k, c in enumerate(result.classes[n].tolist()):
+            expected = captum_map(net, X[n:n + 1], patch, stride, fill, c)
+            assert torch.allclose(result.maps["occlusion"][n, k], expected, atol=1e-5), (n, k)
+
+
+def test_padded_border_equals_captum_on_the_padded_input() -> None:
+    """border="pad": the image surrounded by patch//2 of fill, windows over all of it, the map
+    cropped back: captum's Occlusion of that padded input, cropped."""
+    net, patch, stride = small_net(), 5, 2
+    result = explain(net, X[:1], "2", class_ids=[3], methods=["occlusion"],
+                     occlusion=OcclusionSettings(patches=(patch,), stride=stride, border="pad"))
+    padded = F.pad(X[:1], (2, 2, 2, 2))
+    expected = captum_map(net, padded, patch, stride, "zero", 3)[:, 2:-2, 2:-2]
+    assert torch.allclose(result.maps["occlusion"][0, 0], expected, atol=1e-5)
+
+
+def seed_001_map(net: nn.Module, x: torch.Tensor, class_id: int, patch: int, stride: int) -> torch.Tensor:
+    """Seed 001's occlusion sensitivity, by its definition (grad-cam-pytorch's
+    ``occlusion_sensitivity``, read, not copied): the input padded by patch//2 of its fill value
+    (0) on each side; rows start at 0, columns at one stride (its loop steps before recording);
+    each window's occluded logit minus the padded input's logit, one value per window."""
+    half = patch // 2
+    padded = F.pad(x, (half, half, half, half), value=0.0)
+    height, width = padded.shape[-2:]
+    rows = range(0, height - patch + 1, stride)
+    cols = [stride * (j + 1) for j in range(len(range(0, width - patch + 1, stride)))]
+    with torch.no_grad():
+        base = net(padded)[0, class_id]
+        values = []
+        for r in rows:
+            for c in cols:
+                occluded = padded.clone()
+                occluded[..., r:r + patch, c:c + patch] = 0.0
+                values.append(net(occluded)[0, class_id] - base)
+    return torch.stack(values).view(len(rows), len(cols))
+
+
+@pytest.mark.parametrize("patch", [3, 4, 5])
+def test_seed_001_map_for_its_demo_settings(patch: int) -> None:
+    """Seed 001's demo (stride 1, zero fill, padding by half a patch) on a small model: its
+    value at each window is minus gradcam's drop for the same window; its columns are one
+    window to the right (its off-by-one), and its last column's window hangs past the padded
+    edge, which gradcam does not have."""
+    net, x = small_net(), X[:1, :, :9, :8]
+    settings = OcclusionSettings(patches=(patch,), stride=1, border="pad")
+    fast = P.inference_copy(net)
+    target = top_classes(class_ids=[2])(net(x).detach())
+    drops = window_drops(fast, x, target, 0, patch, settings, batch_size=16)[0]  # K x rows x cols
+    seed = seed_001_map(net, x, 2, patch, stride=1)
+    assert seed.shape == drops.shape == (9 + 2 * (patch // 2) - patch + 1, 8 + 2 * (patch // 2) - patch + 1)
+    assert torch.allclose(seed[:, :-1], -drops[:, 1:], atol=1e-5)
+
+
+def test_several_patch_sizes_give_a_map_each_equal_to_their_own_run() -> None:
+    net = small_net()
+    both = explain(net, X, "2", topk=1, methods=["gradcam", "occlusion"],
+                   occlusion=OcclusionSettings(patches=(4, 6), stride=2))
+    assert list(both.maps) == ["gradcam", "occlusion-4", "occlusion-6"]
+    for patch in (4, 6):
+        alone = explain(net, X, "2", topk=1, methods=["occlusion"],
+                        occlusion=OcclusionSettings(patches=(patch,), stride=2))
+        assert torch.equal(both.maps[f"occlusion-{patch}"], alone.maps["occlusion"])
+
+
+def test_negative_side_and_similarity_scores_are_occluded_too() -> None:
+    """The explained score is the target's: -z gives minus the map; an embedding's dot product
+    with a proxy equals captum's occlusion of that product."""
+    net, settings = small_net(), OcclusionSettings(patches=(5,), stride=3)
+    from gradcam_cli.targets import Scoring
+    plus = explain(net, X[:1], "2", methods=["occlusion"], occlusion=settings,
+                   target=top_classes(class_ids=[1]))
+    minus = explain(net, X[:1], "2", methods=["occlusion"], occlusion=settings,
+                    target=top_classes(class_ids=[1], scoring=Scoring("softmax", negative=True)))
+    assert torch.allclose(minus.maps["occlusion"], -plus.maps["occlusion"], atol=1e-6)
+    proxies = torch.randn(3, 5)
+    result = explain(net, X[:1], "2", methods=["occlusion"], occlusion=settings,
+                     target=top_proxies(proxies, "dot", topk=1))
+    chosen = int(result.classes[0, 0])
+
+    class Similarity(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return net(x) @ proxies.T
+    expected = captum_map(Similarity(), X[:1], 5, 3, "zero", chosen)
+    assert torch.allclose(result.maps["occlusion"][0, 0], expected, atol=1e-5)
+
+
+def test_masked_copies_run_in_batches_on_the_fast_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 x 3 windows with batch size 4: the unoccluded input, then 4, 4 and 1 copies."""
+    sizes: list[int] = []
+    copy = P.inference_copy
+
+    def counting(module: nn.Module) -> nn.Module:
+        fast = copy(module)
+        fast.register_forward_pre_hook(lambda _m, args: sizes.append(len(args[0])))
+        return fast
+    monkeypatch.setattr(P, "inference_copy", counting)
+    explain(small_net(), X[:1, :, :12, :12], "2", topk=1, methods=["occlusion"], batch_size=4,
+            occlusion=OcclusionSettings(patches=(6,), stride=3))
+    assert sizes == [1, 4, 4, 1]
+
+
+@pytest.mark.parametrize(("kwargs", "argument"), [
+    ({"patches": ()}, "patches"), ({"patches": (0,)}, "patches"), ({"patches": 5}, "patches"),
+    ({"patches": (4, 8), "stride": 5}, "stride"), ({"stride": 0}, "stride"),
+    ({"fill": "gray"}, "fill"), ({"border": "wrap"}, "border"),
+])
+def test_bad_settings_are_refused_naming_the_argument(kwargs: dict, argument: str) -> None:
+    with pytest.raises(ArgumentError) as caught:
+        OcclusionSettings(**kwargs)
+    assert caught.value.argument == argument
+
+
+def test_a_patch_larger_than_the_input_is_refused() -> None:
+    with pytest.raises(ArgumentError, match="larger than the input") as caught:
+        explain(small_net(), X[:1], "2", methods=["occlusion"], occlusion=OcclusionSettings(patches=(18,)))
+    assert caught.value.argument == "patches"
+
+
+class FixedSize(nn.Module):
+    """A network that takes only its own input size, as a ViT's patch embedding does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = small_net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.shape[-2:] == (20, 17), "wrong image size")
+        return self.net(x)
+
+
+def test_padding_a_model_that_takes_one_size_is_refused() -> None:
+    with pytest.raises(ArgumentError, match="larger than its own") as caught:
+        explain(FixedSize(), X[:1], "net.2", methods=["occlusion"],
+                occlusion=OcclusionSettings(patches=(5,), border="pad"))
+    assert caught.value.argument == "border"
+
+
+CLASSIFY = ["classify", "--arch", "resnet18", "--weights", "none", "--no-cuda", "--input-size", "64",
+            "--topk", "1", "--json"]
+
+
+def test_cli_patches_are_columns_recorded_and_redone_when_changed(tmp_path: Path) -> None:
+    """A map per patch size, the settings in the record, a rerun with another patch redone
+    (~15 s: three runs of a random resnet18 at 64 px)."""
+    image = make_image(tmp_path / "a.png")
+    base = [*CLASSIFY, "--image-path", str(image), "--output-dir", str(tmp_path / "o"),
+            "--method", "occlusion", "--stride", "16", "--skip-existing"]
+    args = [*base, "--patch", "16,32"]
+    code, out, err = run(*args)
+    assert code == 0, err
+    record = json.loads(out)
+    assert set(record["classes"][0]["maps"]) == {"occlusion-16", "occlusion-32"}
+    assert record["settings"]["occlusion"] == {"patches": [16, 32], "stride": 16, "fill": "zero",
+                                               "border": "edge"}
+    assert json.loads(run(*args)[1])["status"] == "skipped"
+    again = json.loads(run(*base, "--patch", "24")[1])
+    assert again["status"] == "ok" and set(again["classes"][0]["maps"]) == {"occlusion"}
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--method", "occlusion", "--patch", "0"], "--patch 0: "),
+    (["--method", "occlusion", "--patch", "8", "--stride", "9"], "--stride 9: "),
+    (["--method", "gradcam", "--patch", "8"], "--patch applies to --method occlusion"),
+])
+def test_cli_bad_occlusion_options_are_one_line(tmp_path: Path, extra: list[str], message: str) -> None:
+    image = make_image(tmp_path / "a.png")
+    code, _, err = run(*CLASSIFY, "--image-path", str(image), "--output-dir", str(tmp_path / "o"), *extra)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_compare_layers_refuses_occlusion(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "a.png")
+    code, _, err = run("compare-layers", "--arch", "resnet18", "--weights", "none", "--no-cuda",
+                       "--image-path", str(image), "--method", "occlusion")
+    assert code == 2 and "--method occlusion: does not depend on the layer" in err
+
+
+def test_evaluate_measures_occlusion_maps(tmp_path: Path) -> None:
+    """Curves and pointing games of an occlusion map beside Grad-CAM's (~8 s)."""
+    image = make_image(tmp_path / "a.png")
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("image,x0,y0,x1,y1\na.png,1,1,20,20\n")
+    code, out, err = run("evaluate", "--arch", "resnet18", "--weights", "none", "--no-cuda",
+                         "--input-size", "64", "--steps", "2", "--method", "gradcam,occlusion",
+                         "--patch", "16", "--json", "--image-path", str(image), "--boxes", str(boxes),
+                         "--output-dir", str(tmp_path / "o"))
+    assert code == 0, err
+    record = json.loads(out.splitlines()[0])
+    metrics = record["classes"][0]["metrics"]
+    assert set(metrics) == {"gradcam", "occlusion"}
+    occlusion = metrics["occlusion"]
+    assert 0 <= occlusion["deletion_auc"] <= 1 and occlusion["pointing_hit"] in (True, False)
+    assert record["settings"]["occlusion"]["patches"] == [16]
