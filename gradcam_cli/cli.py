@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # the library is imported inside each command, so `--help` st
 
     from .models import LoadedModel
     from .occlusion import OcclusionSettings
+    from .settings import MethodSettings
 
 EXIT_CODES = """Exit codes: 0 every image done (or skipped); 1 at least one image failed, or an
 output could not be written; 2 usage error (bad option, unknown architecture, weights or layer),
@@ -341,19 +342,29 @@ occlusion_options = option_group(
 )
 
 
-def occlusion_settings(methods: tuple[str, ...], patches: tuple[int, ...], stride: int | None,
-                       occlusion_fill: str | None, occlusion_border: str | None) -> OcclusionSettings:
-    """The occlusion options as the library's settings, checked once; refused without
-    --method occlusion, where they would do nothing."""
+def occlusion_settings(methods: tuple[str, ...], options: dict) -> OcclusionSettings:
+    """Occlusion's options (taken out of ``options``) as the library's settings, checked once;
+    refused without --method occlusion, where they would do nothing."""
     from .occlusion import OcclusionSettings
-    given = {"--patch": patches, "--stride": stride, "--occlusion-fill": occlusion_fill,
-             "--occlusion-border": occlusion_border}
+    given = {"--patch": options.pop("patches"), "--stride": options.pop("stride"),
+             "--occlusion-fill": options.pop("occlusion_fill"),
+             "--occlusion-border": options.pop("occlusion_border")}
     flag = next((f for f, v in given.items() if v not in (None, ())), None)
     if flag and "occlusion" not in methods:
         raise UsageError(f"{flag} applies to --method occlusion, which is not asked for")
     defaults = OcclusionSettings()
-    return OcclusionSettings(patches or defaults.patches, stride, occlusion_fill or defaults.fill,
-                             occlusion_border or defaults.border)
+    patches, stride, fill, border = given.values()
+    return OcclusionSettings(patches or defaults.patches, stride, fill or defaults.fill,
+                             border or defaults.border)
+
+
+def method_settings(methods: tuple[str, ...], options: dict) -> MethodSettings:
+    """Every method option (taken out of ``options``) as one ``MethodSettings``, checked once."""
+    from .settings import MethodSettings
+    return MethodSettings(occlusion=occlusion_settings(methods, options))
+
+
+method_options = option_group(occlusion_options)
 
 
 def class_options(topk: int) -> Callable[[Callable], Callable]:
@@ -396,11 +407,10 @@ def top_k(model: LoadedModel, default: int, topk: int | None, targets: str | Non
 @class_options(topk=3)
 @layer_option
 @method_option
-@occlusion_options
+@method_options
 def classify(arch: str, weights: str, num_classes: int | None, labels: str | None,
              unsafe_load: bool, cuda: bool | None, layer: str | None, methods: tuple[str, ...],
-             topk: int | None, class_ids: tuple[int, ...], patches: tuple[int, ...], stride: int | None,
-             occlusion_fill: str | None, occlusion_border: str | None, **options: object) -> None:
+             topk: int | None, class_ids: tuple[int, ...], **options: object) -> None:
     """Explain the top-k classes of a classifier with five maps per class."""
     from .methods import DEFAULT_METHODS
     from .models import load_model
@@ -408,14 +418,14 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
     from .pipeline import resolve_layer
 
     methods = methods or DEFAULT_METHODS
-    occlusion = occlusion_settings(methods, patches, stride, occlusion_fill, occlusion_border)
+    settings = method_settings(methods, options)
 
     def start(model: LoadedModel, _items: list) -> Callable[..., Iterator[dict]]:
         chosen = resolve_layer(model, layer)
         if layer is None:
             click.echo(f"gradcam: target layer {chosen} (default for {model.arch}; "
                        "change with --layer)", err=True)
-        return partial(classify_images, layer=chosen, methods=methods, occlusion=occlusion,
+        return partial(classify_images, layer=chosen, methods=methods, settings=settings,
                        topk=top_k(model, 3, topk, options["targets"]), class_ids=class_ids)
     load = preprocessed(partial(load_model, arch, weights, num_classes, labels, unsafe_load,
                                 pick_device(cuda)), arch, weights)
@@ -432,6 +442,7 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
                    "`gradcam layers` marks).")
 @click.option("--method", "methods", multiple=True, callback=split_methods,
               help="CAM methods to compute, comma-separated or repeated (default: gradcam).")
+@method_options
 def compare_layers(arch: str, weights: str, num_classes: int | None, labels: str | None,
                    unsafe_load: bool, cuda: bool | None, layers: str | None,
                    methods: tuple[str, ...], topk: int | None, class_ids: tuple[int, ...],
@@ -441,12 +452,15 @@ def compare_layers(arch: str, weights: str, num_classes: int | None, labels: str
     from .pipeline import compare_layers as compare_images
     from .pipeline import resolve_layers
 
+    methods = methods or ("gradcam",)
+    settings = method_settings(methods, options)
+
     def start(model: LoadedModel, _items: list) -> Callable[..., Iterator[dict]]:
         names = resolve_layers(model, [n.strip() for n in (layers or "").split(",") if n.strip()])
         if not layers:
             click.echo(f"gradcam: layers {', '.join(names)} (the stages of {model.arch}; "
                        "change with --layers)", err=True)
-        return partial(compare_images, layers=names, methods=methods or ("gradcam",),
+        return partial(compare_images, layers=names, methods=methods, settings=settings,
                        topk=top_k(model, 1, topk, options["targets"]), class_ids=class_ids)
     load = preprocessed(partial(load_model, arch, weights, num_classes, labels, unsafe_load,
                                 pick_device(cuda)), arch, weights)
@@ -474,13 +488,11 @@ def compare_layers(arch: str, weights: str, num_classes: int | None, labels: str
 @click.option("--sanity", is_flag=True,
               help="Also run the cascading model-parameter randomisation test (slow: one "
                    "explanation per block of the network).")
-@occlusion_options
+@method_options
 def evaluate(arch: str, weights: str, num_classes: int | None, labels: str | None,
              unsafe_load: bool, cuda: bool | None, layer: str | None, methods: tuple[str, ...],
              topk: int | None, class_ids: tuple[int, ...], steps: int, baseline: str, masks: str | None,
-             boxes: str | None, tolerance: float, sanity: bool, patches: tuple[int, ...],
-             stride: int | None, occlusion_fill: str | None, occlusion_border: str | None,
-             **options: object) -> None:
+             boxes: str | None, tolerance: float, sanity: bool, **options: object) -> None:
     """Measure how faithful the maps are: deletion/insertion AUC, Average Drop/Increase,
     pointing games with --masks/--boxes, and the randomisation test with --sanity."""
     from .evaluation import evaluate as evaluate_images
@@ -491,7 +503,7 @@ def evaluate(arch: str, weights: str, num_classes: int | None, labels: str | Non
     from .truth import read_truth
 
     methods = methods or DEFAULT_METHODS
-    occlusion = occlusion_settings(methods, patches, stride, occlusion_fill, occlusion_border)
+    settings = method_settings(methods, options)
     truth = read_truth(masks, boxes)
     tag = {}  # the tables' name, <arch>@<layer>, known once the model is loaded
 
@@ -500,7 +512,7 @@ def evaluate(arch: str, weights: str, num_classes: int | None, labels: str | Non
         tag["name"] = f"{model.folder_name}@{chosen}"
         return partial(evaluate_images, layer=chosen, topk=top_k(model, 1, topk, options["targets"]),
                        class_ids=class_ids,
-                       methods=methods, occlusion=occlusion, steps=steps, baseline=baseline,
+                       methods=methods, settings=settings, steps=steps, baseline=baseline,
                        truth=truth, tolerance=tolerance, sanity=sanity)
 
     def finish(_model: LoadedModel, records: list[dict], as_json: bool) -> None:
@@ -544,6 +556,7 @@ def _print_evaluated(record: dict) -> None:
 @layer_option
 @click.option("--layers", metavar="A,B,…", help="Several layers, comma-separated: rows per layer.")
 @method_option
+@method_options
 @click.pass_context
 def embed(ctx: click.Context, arch: str, weights: str, embedding_dim: int | None,
           unsafe_load: bool, cuda: bool | None, references: tuple[str, ...],
@@ -561,6 +574,8 @@ def embed(ctx: click.Context, arch: str, weights: str, embedding_dim: int | None
         return
     if sum(map(bool, (references, proxy_dir, proxy_file))) != 1:
         raise UsageError("give exactly one of --reference IMAGE, --proxies DIR or --proxy-file FILE")
+    methods = methods or DEFAULT_METHODS
+    settings = method_settings(methods, options)
     if references:  # the references are explained against the queries too
         options["images"] = (*options["images"], *references)
 
@@ -577,7 +592,7 @@ def embed(ctx: click.Context, arch: str, weights: str, embedding_dim: int | None
                          read_exemplars(model, proxy_dir, options["batch_size"]))
             candidates, k = Candidates.from_exemplars(exemplars, proxy_kind), topk or 3
         return partial(embed_images, candidates=candidates, layer=layer, layers=names, topk=k,
-                       methods=methods or DEFAULT_METHODS, similarity=similarity)
+                       methods=methods, similarity=similarity, settings=settings)
     load = preprocessed(partial(load_embedder, arch, weights, embedding_dim, unsafe_load,
                                 pick_device(cuda)), arch, weights)
     run_images(load, start, **options)

@@ -37,15 +37,15 @@ from . import metrics as MT
 from .choices import BASELINES
 from .engine import evaluating, logits_of
 from .errors import ArgumentError, InputError, unknown
-from .explanation import Explanation, check_occlusion, explain
+from .explanation import Explanation, explain
 from .io import atomic_write, json_bytes, png_bytes
 from .methods import DEFAULT_METHODS, overlay, title
 from .models import LoadedModel
-from .occlusion import OcclusionSettings
 from .pipeline import resolve_layer
 from .render import line_plot
 from .runner import Item, Loaded, Task, run
 from .sanity import cascade
+from .settings import MethodSettings, check_settings
 from .targets import ClassTargets, Scoring, class_targets, top_classes
 from .truth import Truth
 
@@ -61,7 +61,7 @@ class Settings:
     tolerance: float
     sanity: bool
     batch_size: int
-    occlusion: OcclusionSettings = field(default_factory=OcclusionSettings)
+    method_settings: MethodSettings = field(default_factory=MethodSettings)
 
 
 COLUMNS = ("image", "class_id", "name", "method", "deletion_auc", "insertion_auc",
@@ -77,7 +77,7 @@ def evaluate(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
              class_names: Sequence[str] = (),
              targets: str | Path | Mapping[str, Sequence[int | str]] | None = None,
              score: str | None = None, negative: bool = False,
-             occlusion: OcclusionSettings | None = None) -> Iterator[dict]:
+             settings: MethodSettings | None = None) -> Iterator[dict]:
     """Yield one record per image with every metric of every explained class and method
     (each occlusion patch size's map is measured as a method of its own, occlusion-P).
 
@@ -98,9 +98,9 @@ def evaluate(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     if classes.scoring.kind == "logit":
         raise ArgumentError("score", score, "evaluate's curves and Average Drop need a probability "
                             "(softmax or sigmoid)")
-    settings = Settings(chosen, methods, steps, baseline, tolerance, sanity, batch_size,
-                        check_occlusion(occlusion))
-    task = Evaluation(model, settings, classes, truth, progress)
+    measured = Settings(chosen, methods, steps, baseline, tolerance, sanity, batch_size,
+                        check_settings(settings))
+    task = Evaluation(model, measured, classes, truth, progress)
     return run(task, images, output_dir, batch_size, skip_existing, stop)
 
 
@@ -126,14 +126,11 @@ class Evaluation(Task):
         """Model, layer, methods, classes, curve and truth settings, and this image's truth."""
         truth = None if self.truth is None else self.truth.source(path)
         return {"task": self.tag, "model": self.model.fingerprint(), "layer": self.run.layer,
-                "methods": list(self.run.methods), **self._occlusion(),
+                "methods": list(self.run.methods),
+                **self.run.method_settings.to_dict(self.run.methods),
                 **self.classes.settings(path), "steps": self.run.steps,
                 "baseline": self.run.baseline, "tolerance": self.run.tolerance,
                 "sanity": self.run.sanity, "truth": truth}
-
-    def _occlusion(self) -> dict:
-        """Occlusion's settings, when its maps are measured."""
-        return {"occlusion": self.run.occlusion.to_dict()} if "occlusion" in self.run.methods else {}
 
     def decode(self, path: Path, image: Image.Image) -> tuple:
         """The crop the model sees, the object mask cropped alike (if any), and the scale from
@@ -152,7 +149,7 @@ class Evaluation(Task):
         return x, explain(self.model.module, x, self.run.layer, methods=self.run.methods,
                           batch_size=self.run.batch_size, progress=self.progress,
                           target=self.classes.chooser([item.path for item in batch]),
-                          occlusion=self.run.occlusion)
+                          settings=self.run.method_settings)
 
     def files(self, record: dict) -> list[str]:
         """The curves plot, and the sanity plot when the randomisation test ran."""
@@ -222,7 +219,8 @@ def _sanity(model: LoadedModel, x: torch.Tensor, class_ids: list[int], scoring: 
     """Cascading randomisation: per block, the Spearman correlation of each class's maps."""
     def maps(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         result = explain(module, x[None], run.layer, methods=run.methods, batch_size=run.batch_size,
-                         target=top_classes(class_ids=class_ids, scoring=scoring), occlusion=run.occlusion)
+                         target=top_classes(class_ids=class_ids, scoring=scoring),
+                         settings=run.method_settings)
         return {f"{c}/{m}": MT.saliency_of(result.maps[m][0, k], overlay(m))
                 for k, c in enumerate(class_ids) for m in result.maps}
     steps = cascade(model.module, x[None], maps, MT.spearman)

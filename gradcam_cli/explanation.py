@@ -16,6 +16,7 @@ from .errors import ArgumentError, ArgumentTypeError, UsageError, unknown
 from .layout import Layout, to_nchw
 from .models import find_layer, layer_layout
 from .occlusion import OcclusionSettings, occlusion_maps
+from .settings import MethodSettings, check_settings
 from .targets import Chooser, Target, top_classes
 
 
@@ -49,18 +50,19 @@ ZERO_GRADIENT = ("the explained score's gradient is zero at every position of th
 def explain(module: nn.Module, inputs: torch.Tensor, layer: str, topk: int = 3,
             class_ids: Sequence[int] = (), methods: Sequence[str] = M.DEFAULT_METHODS,
             batch_size: int = 32, progress: bool = False,
-            target: Chooser | None = None, occlusion: OcclusionSettings | None = None) -> Explanation:
+            target: Chooser | None = None, settings: MethodSettings | None = None) -> Explanation:
     """One forward pass for the batch, then per class only the backward passes ``methods`` need.
 
     The explained scores are the top-k (or ``class_ids``) logits, or what ``target`` chooses
     (e.g. ``targets.top_proxies`` for an embedding network). Score-CAM, Ablation-CAM and
     occlusion add forward passes per image, ``batch_size`` perturbed copies at a time (with
-    progress bars when ``progress``); one set of passes serves every class. ``occlusion``
-    sets occlusion's patches, stride, fill and border (default ``OcclusionSettings()``); with
-    several patch sizes its maps are named occlusion-P, one per size.
+    progress bars when ``progress``); one set of passes serves every class. ``settings`` holds
+    the settings of the methods that take any (default ``MethodSettings()``), e.g. occlusion's
+    patches, stride, fill and border; with several patch sizes occlusion's maps are named
+    occlusion-P, one per size.
     """
     return explain_layers(module, inputs, [layer], topk, class_ids, methods, batch_size,
-                          progress, target, occlusion)[0]
+                          progress, target, settings)[0]
 
 
 def check_methods(methods: Sequence[str]) -> None:
@@ -75,12 +77,12 @@ def check_methods(methods: Sequence[str]) -> None:
 def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str], topk: int = 3,
                    class_ids: Sequence[int] = (), methods: Sequence[str] = M.DEFAULT_METHODS,
                    batch_size: int = 32, progress: bool = False, target: Chooser | None = None,
-                   occlusion: OcclusionSettings | None = None) -> list[Explanation]:
+                   settings: MethodSettings | None = None) -> list[Explanation]:
     """``explain`` for several layers at once: the forward pass and each class's backward
     passes are shared, so gradient CAMs for every layer cost no more passes than for one
     (and layer-independent maps are computed once)."""
     check_methods(methods)
-    occlusion = check_occlusion(occlusion)
+    settings = check_settings(settings)
     choose = target or top_classes(topk, class_ids)
     modules = {name: find_layer(module, name) for name in layers}
     layouts = {name: layer_layout(module, name, inputs) for name in layers}
@@ -99,7 +101,7 @@ def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str
         acts = {name: fp.activations[name].detach() for name in layers}
         outputs = fp.logits.detach()
     size = tuple(inputs.shape[-2:])
-    occluded = (_occlusion(module, inputs, chosen, occlusion, batch_size, progress)
+    occluded = (_occlusion(module, inputs, chosen, settings.occlusion, batch_size, progress)
                 if "occlusion" in methods else {})
     results = []
     for name in layers:
@@ -113,19 +115,10 @@ def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str
                 maps[method] = _perturbation_cam(method, module, modules[name], inputs, acts[name],
                                                  layouts[name], outputs, chosen, batch_size, progress)
         maps.update(occluded)
-        names = [n for m in methods for n in (occlusion.names() if m == "occlusion" else [m])]
+        names = [n for m in methods for n in (settings.occlusion.names() if m == "occlusion" else [m])]
         results.append(Explanation(chosen.table, chosen.chosen, {n: maps[n] for n in names},
                                    name, gates, errors, chosen.predicted))
     return results
-
-
-def check_occlusion(occlusion: OcclusionSettings | None) -> OcclusionSettings:
-    """Occlusion's settings, the defaults for None; anything else is refused."""
-    if occlusion is None:
-        return OcclusionSettings()
-    if not isinstance(occlusion, OcclusionSettings):
-        raise ArgumentTypeError("occlusion", occlusion, "an OcclusionSettings(patches=…, stride=…, fill=…)")
-    return occlusion
 
 
 def _occlusion(module: nn.Module, inputs: torch.Tensor, target: Target, settings: OcclusionSettings,

@@ -76,6 +76,10 @@ class OcclusionSettings:
         """The maps' names: occlusion, or occlusion-P per patch size when there are several."""
         return ["occlusion"] if len(self.patches) == 1 else [f"occlusion-{p}" for p in self.patches]
 
+    def used_by(self, methods: Sequence[str]) -> bool:
+        """Whether these settings shape any of ``methods``' maps."""
+        return "occlusion" in methods
+
     def to_dict(self) -> dict:
         """The settings as a record and the resume check keep them."""
         return {**asdict(self), "patches": list(self.patches)}

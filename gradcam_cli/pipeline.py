@@ -27,14 +27,14 @@ import torch
 from PIL import Image
 
 from .errors import ArgumentError, InputError
-from .explanation import Explanation, check_occlusion, explain_layers
+from .explanation import Explanation, explain_layers
 from .io import atomic_write, png_bytes, slug
 from .methods import CAM_METHODS, DEFAULT_METHODS, REGISTRY_BY_NAME
 from .models import LoadedModel, blank_input, default_layer, layer_layout, stage_layers
-from .occlusion import OcclusionSettings
 from .proxies import Candidates
 from .render import grid_image, map_image
 from .runner import Item, Loaded, Task, run
+from .settings import MethodSettings, check_settings
 from .targets import Chooser, ClassTargets, class_targets, proxy_targets
 
 
@@ -65,7 +65,7 @@ def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
              progress: bool = False, class_names: Sequence[str] = (),
              targets: str | Path | Mapping[str, Sequence[int | str]] | None = None,
              score: str | None = None, negative: bool = False,
-             occlusion: OcclusionSettings | None = None) -> Iterator[dict]:
+             settings: MethodSettings | None = None) -> Iterator[dict]:
     """Explain each image's top-k (or chosen) classes; yield one record per image, in order.
 
     The classes: the top-k by logit, or ``class_ids`` and ``class_names`` (names resolved
@@ -80,14 +80,14 @@ def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     "error" (the reason); one bad image never stops the others (``runner.run``). ``stop`` is
     asked after each batch: when it says yes, the batches under way are written and no other
     is started (how the CLI turns Ctrl-C into a clean stop). ``progress`` shows Score-CAM's,
-    Ablation-CAM's and occlusion's per-image progress bars; ``occlusion`` sets occlusion's
-    patches, stride, fill and border (``explain``).
+    Ablation-CAM's and occlusion's per-image progress bars; ``settings`` holds the settings
+    of the methods that take any (``explain``).
     """
     chosen = resolve_layer(model, layer)
     classes = class_targets(model.categories, methods, topk, class_ids, class_names, targets, score, negative)
     job = Job(model, [chosen], methods, by_layer=False, tag=f"{model.folder_name}@{chosen}",
               target=classes.chooser, classes=classes, batch_size=batch_size, progress=progress,
-              occlusion=check_occlusion(occlusion))
+              method_settings=check_settings(settings))
     return run(job, images, output_dir, batch_size, skip_existing, stop)
 
 
@@ -97,7 +97,8 @@ def compare_layers(model: LoadedModel, images: Sequence[Item], output_dir: str |
                    skip_existing: bool = False, stop: Callable[[], bool] = lambda: False,
                    progress: bool = False, class_names: Sequence[str] = (),
                    targets: str | Path | Mapping[str, Sequence[int | str]] | None = None,
-                   score: str | None = None, negative: bool = False) -> Iterator[dict]:
+                   score: str | None = None, negative: bool = False,
+                   settings: MethodSettings | None = None) -> Iterator[dict]:
     """Like ``classify``, with a row per layer (default: the stages) for each explained class.
 
     Only methods that depend on the layer make sense here; one forward and one backward pass
@@ -109,7 +110,8 @@ def compare_layers(model: LoadedModel, images: Sequence[Item], output_dir: str |
                             f"({', '.join(CAM_METHODS)}) or guided-gradcam")
     classes = class_targets(model.categories, methods, topk, class_ids, class_names, targets, score, negative)
     job = Job(model, resolve_layers(model, layers), methods, by_layer=True, tag=f"{model.folder_name}@layers",
-              target=classes.chooser, classes=classes, batch_size=batch_size, progress=progress)
+              target=classes.chooser, classes=classes, batch_size=batch_size, progress=progress,
+              method_settings=check_settings(settings))
     return run(job, images, output_dir, batch_size, skip_existing, stop)
 
 
@@ -118,7 +120,7 @@ def embed(model: LoadedModel, images: Sequence[Item], candidates: Candidates,
           topk: int = 3, methods: Sequence[str] = DEFAULT_METHODS, similarity: str = "dot",
           batch_size: int = 8, skip_existing: bool = False,
           stop: Callable[[], bool] = lambda: False, progress: bool = False,
-          occlusion: OcclusionSettings | None = None) -> Iterator[dict]:
+          settings: MethodSettings | None = None) -> Iterator[dict]:
     """Explain each query's similarity to its top-k ``candidates`` (proxies or references).
 
     The explained score is y·p (``similarity="dot"``, as in Bachhawat 2024) or cos(y, p) of
@@ -133,7 +135,7 @@ def embed(model: LoadedModel, images: Sequence[Item], candidates: Candidates,
     where = "layers" if layers else names[0]
     job = Job(model, names, methods, by_layer=bool(layers), tag=f"{model.folder_name}@{where}-embed",
               target=target, batch_size=batch_size, progress=progress, names=candidates.names,
-              occlusion=check_occlusion(occlusion),
+              method_settings=check_settings(settings),
               extra={"topk": topk, "similarity": similarity, "candidates": _candidates_digest(candidates)})
     return run(job, images, output_dir, batch_size, skip_existing, stop)
 
@@ -160,15 +162,15 @@ class Job(Task):
     progress: bool = False
     names: Sequence[str] | None = None                 # candidates; None: the model's classes
     extra: dict = field(default_factory=dict)          # further settings (embed's candidates)
-    occlusion: OcclusionSettings = field(default_factory=OcclusionSettings)
+    method_settings: MethodSettings = field(default_factory=MethodSettings)
 
     def settings(self, path: Path) -> dict:
-        """Model, layers, methods (with occlusion's settings) and candidates: what determines
-        an image's files."""
+        """Model, layers, methods (with their settings) and candidates: what determines an
+        image's files."""
         own = self.classes.settings(path) if self.classes else {}
-        occlusion = {"occlusion": self.occlusion.to_dict()} if "occlusion" in self.methods else {}
         return {"task": self.tag, "model": self.model.fingerprint(), "layers": self.layers,
-                "methods": list(self.methods), **occlusion, **own, **self.extra}
+                "methods": list(self.methods), **self.method_settings.to_dict(self.methods),
+                **own, **self.extra}
 
     def decode(self, path: Path, image: Image.Image) -> Image.Image:
         """The crop the model sees; an image without classes of its own fails here, alone."""
@@ -182,7 +184,8 @@ class Job(Task):
         x = x.to(next(self.model.module.parameters()).device)
         return explain_layers(self.model.module, x, self.layers, methods=self.methods,
                               batch_size=self.batch_size, progress=self.progress,
-                              target=self.target([item.path for item in batch]), occlusion=self.occlusion)
+                              target=self.target([item.path for item in batch]),
+                              settings=self.method_settings)
 
     def files(self, record: dict) -> list[str]:
         """The grid and every map file."""

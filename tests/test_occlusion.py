@@ -17,10 +17,16 @@ from gradcam_cli.errors import ArgumentError
 from gradcam_cli.explanation import explain
 from gradcam_cli.metrics import baseline_of
 from gradcam_cli.occlusion import OcclusionSettings, window_drops
+from gradcam_cli.settings import MethodSettings
 from gradcam_cli.targets import top_classes, top_proxies
 
 from .conftest import make_image
 from .test_cli import run
+
+
+def occluding(**fields: object) -> MethodSettings:
+    """The methods' settings with these occlusion settings."""
+    return MethodSettings(occlusion=OcclusionSettings(**fields))
 
 
 def small_net(outputs: int = 5) -> nn.Module:
@@ -55,7 +61,7 @@ def test_occlusion_equals_captum(patch: int, stride: int, fill: str) -> None:
     the image's edge (20 - 7 is no multiple of 7)."""
     net = small_net()
     result = explain(net, X, "2", topk=2, methods=["occlusion"],
-                     occlusion=OcclusionSettings(patches=(patch,), stride=stride, fill=fill))
+                     settings=occluding(patches=(patch,), stride=stride, fill=fill))
     assert result.maps["occlusion"].shape == (2, 2, 1, 20, 17)
     for n in range(2):
         for k, c in enumerate(result.classes[n].tolist()):
@@ -68,7 +74,7 @@ def test_padded_border_equals_captum_on_the_padded_input() -> None:
     cropped back: captum's Occlusion of that padded input, cropped."""
     net, patch, stride = small_net(), 5, 2
     result = explain(net, X[:1], "2", class_ids=[3], methods=["occlusion"],
-                     occlusion=OcclusionSettings(patches=(patch,), stride=stride, border="pad"))
+                     settings=occluding(patches=(patch,), stride=stride, border="pad"))
     padded = F.pad(X[:1], (2, 2, 2, 2))
     expected = captum_map(net, padded, patch, stride, "zero", 3)[:, 2:-2, 2:-2]
     assert torch.allclose(result.maps["occlusion"][0, 0], expected, atol=1e-5)
@@ -114,11 +120,11 @@ def test_seed_001_map_for_its_demo_settings(patch: int) -> None:
 def test_several_patch_sizes_give_a_map_each_equal_to_their_own_run() -> None:
     net = small_net()
     both = explain(net, X, "2", topk=1, methods=["gradcam", "occlusion"],
-                   occlusion=OcclusionSettings(patches=(4, 6), stride=2))
+                   settings=occluding(patches=(4, 6), stride=2))
     assert list(both.maps) == ["gradcam", "occlusion-4", "occlusion-6"]
     for patch in (4, 6):
         alone = explain(net, X, "2", topk=1, methods=["occlusion"],
-                        occlusion=OcclusionSettings(patches=(patch,), stride=2))
+                        settings=occluding(patches=(patch,), stride=2))
         assert torch.equal(both.maps[f"occlusion-{patch}"], alone.maps["occlusion"])
 
 
@@ -127,13 +133,13 @@ def test_negative_side_and_similarity_scores_are_occluded_too() -> None:
     with a proxy equals captum's occlusion of that product."""
     net, settings = small_net(), OcclusionSettings(patches=(5,), stride=3)
     from gradcam_cli.targets import Scoring
-    plus = explain(net, X[:1], "2", methods=["occlusion"], occlusion=settings,
+    plus = explain(net, X[:1], "2", methods=["occlusion"], settings=MethodSettings(occlusion=settings),
                    target=top_classes(class_ids=[1]))
-    minus = explain(net, X[:1], "2", methods=["occlusion"], occlusion=settings,
+    minus = explain(net, X[:1], "2", methods=["occlusion"], settings=MethodSettings(occlusion=settings),
                     target=top_classes(class_ids=[1], scoring=Scoring("softmax", negative=True)))
     assert torch.allclose(minus.maps["occlusion"], -plus.maps["occlusion"], atol=1e-6)
     proxies = torch.randn(3, 5)
-    result = explain(net, X[:1], "2", methods=["occlusion"], occlusion=settings,
+    result = explain(net, X[:1], "2", methods=["occlusion"], settings=MethodSettings(occlusion=settings),
                      target=top_proxies(proxies, "dot", topk=1))
     chosen = int(result.classes[0, 0])
 
@@ -155,7 +161,7 @@ def test_masked_copies_run_in_batches_on_the_fast_copy(monkeypatch: pytest.Monke
         return fast
     monkeypatch.setattr(P, "inference_copy", counting)
     explain(small_net(), X[:1, :, :12, :12], "2", topk=1, methods=["occlusion"], batch_size=4,
-            occlusion=OcclusionSettings(patches=(6,), stride=3))
+            settings=occluding(patches=(6,), stride=3))
     assert sizes == [1, 4, 4, 1]
 
 
@@ -172,7 +178,7 @@ def test_bad_settings_are_refused_naming_the_argument(kwargs: dict, argument: st
 
 def test_a_patch_larger_than_the_input_is_refused() -> None:
     with pytest.raises(ArgumentError, match="larger than the input") as caught:
-        explain(small_net(), X[:1], "2", methods=["occlusion"], occlusion=OcclusionSettings(patches=(18,)))
+        explain(small_net(), X[:1], "2", methods=["occlusion"], settings=occluding(patches=(18,)))
     assert caught.value.argument == "patches"
 
 
@@ -191,7 +197,7 @@ class FixedSize(nn.Module):
 def test_padding_a_model_that_takes_one_size_is_refused() -> None:
     with pytest.raises(ArgumentError, match="larger than its own") as caught:
         explain(FixedSize(), X[:1], "net.2", methods=["occlusion"],
-                occlusion=OcclusionSettings(patches=(5,), border="pad"))
+                settings=occluding(patches=(5,), border="pad"))
     assert caught.value.argument == "border"
 
 
