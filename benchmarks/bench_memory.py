@@ -16,15 +16,16 @@ import argparse
 import ctypes
 import gc
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from gradcam_cli import classify, load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the generated data lives in tests/
 from gradcam_cli.memory import collect_garbage
+from tests.scenes import distinct_images
 
 EVERY = 100
 
@@ -54,17 +55,6 @@ def resident_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def make_folder(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
-    """Write ``count`` distinct PNGs of smooth noise."""
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(count):
-        small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
-        paths.append(folder / f"img{i:05d}.png")
-        small.resize(size, Image.BILINEAR).save(paths[-1], compress_level=1)
-    return paths
-
-
 def main() -> None:
     """Run, sample and print."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -79,7 +69,7 @@ def main() -> None:
     model = load_model(args.arch, "none")
     rows, start, cpu = [], 0.0, 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_folder(Path(tmp), args.images, (width, height))
+        paths = distinct_images(Path(tmp), args.images, (width, height))
         records = classify(model, paths, Path(tmp) / "out", topk=1, methods=["gradcam"],
                            batch_size=args.batch_size)
         for n, record in enumerate(records, start=1):

@@ -1,10 +1,17 @@
-"""Generated scenes for trained-network tests: one object, whose pattern alone decides the
-class, at a random place on a cluttered random background."""
+"""Generated data for tests and benchmarks: scenes in which one object, whose pattern alone
+decides the class, lies at a random place on a cluttered random background; the small ResNet
+trained on them; and folders of distinct images for long runs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torchvision.models.resnet import BasicBlock, ResNet
 
 PATTERN = 10  # side of the drawn patterns, in pixels
 
@@ -44,3 +51,45 @@ def scenes(n: int, g: torch.Generator, classes: torch.Tensor | None = None, size
     for i, (r, c) in enumerate(where.tolist()):
         x[i, :, r:r + side, c:c + side] = shapes[classes[i]]
     return x, classes, where
+
+
+def resnet10(num_classes: int = 4) -> torch.nn.Module:
+    """torchvision's ResNet with one basic block per stage: resnet18's layout at about half its
+    cost (also the factory ``--arch module:tests.scenes:resnet10`` builds)."""
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+
+
+def train_resnet10(steps: int, g: torch.Generator, size: int, side: int,
+                   normalise: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> torch.nn.Module:
+    """A resnet10 trained with Adam on scenes with two distractors each, fed ``normalise(x)``;
+    batch norm statistics are then re-estimated on fresh scenes (Adam's last steps leave the
+    running averages behind the weights)."""
+    net = resnet10()
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(steps):
+        x, y, _ = scenes(32, g, size=size, side=side, distractors=2)
+        loss = F.cross_entropy(net(normalise(x)), y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batches below
+    with torch.no_grad():
+        for _ in range(10):
+            net(normalise(scenes(32, g, size=size, side=side, distractors=2)[0]))
+    return net.eval()
+
+
+def distinct_images(folder: Path, count: int, size: tuple[int, int] = (96, 80)) -> list[Path]:
+    """Write ``count`` different PNGs of smooth noise (width x height ``size``), as a real folder
+    holds (about 1 ms each)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+        paths.append(folder / f"img{i:05d}.png")
+        small.resize(size, Image.BILINEAR).save(paths[-1], compress_level=1)
+    return paths

@@ -10,17 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from PIL import Image
-from torchvision.models.resnet import BasicBlock, ResNet
 
 from gradcam_cli.evaluation import averages, evaluate, write_summary
 from gradcam_cli.models import LoadedModel
 from gradcam_cli.preprocess import Preprocess
 from gradcam_cli.truth import Truth, read_truth
 
-from .scenes import scenes
+from .scenes import resnet10, scenes, train_resnet10
 
 SIZE, SIDE = 64, 16
 CLASSES = ["square", "plus", "x", "corner"]
@@ -92,34 +90,6 @@ def test_missing_mask_and_boxes(tmp_path: Path) -> None:
     assert by_box["energy"] == records[0]["classes"][0]["metrics"]["gradcam"]["energy"]
 
 
-def resnet10() -> torch.nn.Module:
-    """torchvision's ResNet with one basic block per stage (4 classes): resnet18's layout at
-    about half its cost."""
-    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=4)
-
-
-def train(steps: int, g: torch.Generator) -> torch.nn.Module:
-    """A resnet10 trained on scenes with two distractors each; batch norm statistics are then
-    re-estimated on fresh scenes (Adam's last steps leave the running averages behind the
-    weights)."""
-    net = resnet10()
-    optimiser = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for _ in range(steps):
-        x, y, _ = scenes(32, g, size=SIZE, side=SIDE, distractors=2)
-        loss = F.cross_entropy(net(x), y)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # a plain average over the batches below
-    with torch.no_grad():
-        for _ in range(10):
-            net(scenes(32, g, size=SIZE, side=SIDE, distractors=2)[0])
-    return net
-
-
 def test_trained_network_points_at_the_deciding_object(tmp_path: Path) -> None:
     """Train a resnet10 for 150 steps (~30 s) on generated scenes in which only a 16 px
     object at a random place decides the class, beside two random patterns just as
@@ -138,7 +108,7 @@ def test_trained_network_points_at_the_deciding_object(tmp_path: Path) -> None:
     >= 0.9 on average and at least 0.4 above Grad-CAM (measured 1.1)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    net = train(150, g)
+    net = train_resnet10(150, g, SIZE, SIDE)
     images, _, where = scenes(40, g, size=SIZE, side=SIDE, distractors=2)
     paths = write_scenes(tmp_path, images, where)
     scores = {}

@@ -6,40 +6,16 @@ checks gradcam's fold and its Grad-CAM map against that and plain autograd.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models import get_model
 
 from gradcam_cli import explain
 from gradcam_cli.errors import ArgumentError
 from gradcam_cli.layout import Layout, probe, to_nchw
-from gradcam_cli.models import find_layer
 
-Fold = Callable[[torch.Tensor], torch.Tensor]
-
-
-def output_and_gradient(model: nn.Module, x: torch.Tensor, layer: str,
-                        cls: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's output and d logit[cls] / d output, by a hook and plain autograd."""
-    kept = {}
-    handle = find_layer(model, layer).register_forward_hook(lambda _m, _i, out: kept.update(a=out))
-    try:
-        logits = model.eval()(x)
-    finally:
-        handle.remove()
-    (grad,) = torch.autograd.grad(logits[0, cls], kept["a"])
-    return kept["a"].detach(), grad
-
-
-def direct_gradcam(model: nn.Module, x: torch.Tensor, layer: str, cls: int, fold: Fold) -> torch.Tensor:
-    """Grad-CAM from its definition: relu(Σ_k mean(G^k)·A^k) on the hand-folded grid, upsampled."""
-    acts, grads = map(fold, output_and_gradient(model, x, layer, cls))
-    cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * acts).sum(dim=1))
-    return F.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+from .references import Fold, hand_gradcam, output_and_gradient
 
 
 def check(model: nn.Module, x: torch.Tensor, layer: str, expected: Layout, fold: Fold) -> None:
@@ -50,7 +26,7 @@ def check(model: nn.Module, x: torch.Tensor, layer: str, expected: Layout, fold:
     assert torch.equal(to_nchw(acts, layout), fold(acts))
     result = explain(model, x, layer, class_ids=[1], methods=["gradcam"])
     cam = result.maps["gradcam"][0, 0, 0]
-    assert cam.max() > 0 and torch.allclose(cam, direct_gradcam(model, x, layer, 1, fold), atol=1e-6)
+    assert cam.max() > 0 and torch.allclose(cam, hand_gradcam(model, x, layer, 1, fold), atol=1e-6)
 
 
 def nchw(t: torch.Tensor) -> torch.Tensor:

@@ -13,13 +13,12 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 from PIL import Image
-from torchvision.models.resnet import BasicBlock, ResNet
 
 from gradcam_cli.errors import ArgumentError, InputError
 from gradcam_cli.metrics import pointing_hit
 from gradcam_cli.preprocess import Preprocess, check_input, read_preprocess
 
-from .scenes import scenes
+from .scenes import scenes, train_resnet10
 from .test_evaluation import write_scenes
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -455,33 +454,6 @@ def test_one_channel_gradients_are_measured_by_their_magnitude(photo: Path, tmp_
 OWN_MEAN, OWN_STD, SCENE, OBJECT = 0.2, 0.1, 64, 16
 
 
-def resnet10(num_classes: int = 4) -> torch.nn.Module:
-    """torchvision's ResNet with one basic block per stage: the factory the CLI builds by
-    ``--arch module:tests.test_preprocess:resnet10``."""
-    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
-
-
-def train_normalised(steps: int, g: torch.Generator) -> torch.nn.Module:
-    """A resnet10 trained on 64 px scenes with two distractors, fed (x - 0.2) / 0.1 (far from
-    ImageNet's normalisation); batch norm statistics re-estimated afterwards."""
-    net = resnet10()
-    optimiser = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for _ in range(steps):
-        x, y, _ = scenes(32, g, size=SCENE, side=OBJECT, distractors=2)
-        loss = F.cross_entropy(net((x - OWN_MEAN) / OWN_STD), y)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    with torch.no_grad():
-        for _ in range(10):
-            net((scenes(32, g, size=SCENE, side=OBJECT, distractors=2)[0] - OWN_MEAN) / OWN_STD)
-    return net.eval()
-
-
 def pointing(out: Path) -> float:
     """The Grad-CAM pointing game of an evaluate run, from its JSON table."""
     (table,) = out.glob("evaluate-*.json")
@@ -501,13 +473,14 @@ def test_own_preprocessing_through_the_cli_beats_imagenets(tmp_path: Path,
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # where `tests` is importable
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    torch.save(train_normalised(70, g).state_dict(), tmp_path / "net.pt")
+    net = train_resnet10(70, g, SCENE, OBJECT, lambda x: (x - OWN_MEAN) / OWN_STD)
+    torch.save(net.state_dict(), tmp_path / "net.pt")
     images, _, where = scenes(32, g, size=SCENE, side=OBJECT, distractors=2)
     write_scenes(tmp_path / "scenes", images, where)
     imagenet = tmp_path / "imagenet.json"
     imagenet.write_text(json.dumps({"input_size": [224, 224], "resize": "shorter", "resize_to": 256,
                                     "crop": "center", "mean": IMAGENET[0], "std": IMAGENET[1]}))
-    common = ["evaluate", "--arch", "module:tests.test_preprocess:resnet10", "--num-classes", "4",
+    common = ["evaluate", "--arch", "module:tests.scenes:resnet10", "--num-classes", "4",
               "--weights", str(tmp_path / "net.pt"), "--no-cuda", "--method", "gradcam", "--steps", "1",
               "--layer", "layer2", "--batch-size", "20", "--tolerance", "0",
               "--image-path", str(tmp_path / "scenes" / "scene*.png"),

@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from gradcam_cli import classify, load_model
+
+from .scenes import distinct_images
 
 IMAGES, EVERY, GROWTH_LIMIT_MB = 1000, 100, 50.0
 
@@ -24,18 +24,6 @@ def resident_mb() -> float:
     """This process's resident memory in MB, from /proc."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def distinct_images(folder: Path, count: int, size: tuple[int, int] = (96, 80)) -> list[Path]:
-    """Write ``count`` different PNGs of smooth noise, as a real folder holds (about 1 ms each)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(count):
-        small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
-        paths.append(folder / f"img{i:04d}.png")
-        small.resize(size, Image.BILINEAR).save(paths[-1], compress_level=1)
-    return paths
 
 
 @pytest.mark.soak

@@ -9,24 +9,21 @@ config saved with ``save_pretrained`` into a temp folder.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 import transformers
 from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 
 from gradcam_cli import explain, load_model
 from gradcam_cli.errors import ArgumentError
-from gradcam_cli.models import LoadedModel, default_layer, find_layer, spatial_layers, stage_layers
+from gradcam_cli.models import LoadedModel, default_layer, spatial_layers, stage_layers
 
 from .conftest import SAMPLES
-
-Fold = Callable[[torch.Tensor], torch.Tensor]
+from .references import Fold, hand_gradcam
 
 
 def tokens(prefix: int, h: int, w: int) -> Fold:
@@ -39,29 +36,12 @@ def nchw(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def direct_gradcam(module: torch.nn.Module, x: torch.Tensor, layer: str, cls: int,
-                   fold: Fold) -> torch.Tensor:
-    """relu(Σ_k mean(G^k)·A^k) on the hand-folded layer output, upsampled bilinearly; G by
-    autograd of the class logit (``.logits`` of a Hugging Face output)."""
-    kept = {}
-    handle = find_layer(module, layer).register_forward_hook(lambda _m, _i, out: kept.update(a=out))
-    try:
-        out = module.eval()(x)
-    finally:
-        handle.remove()
-    logits = out.logits if isinstance(out, transformers.utils.ModelOutput) else out
-    (grad,) = torch.autograd.grad(logits[0, cls], kept["a"])
-    acts, grads = fold(kept["a"].detach()), fold(grad)
-    cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * acts).sum(dim=1))
-    return F.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
-
-
 def check_gradcam(model: LoadedModel, layer: str, fold: Fold) -> None:
     """The default layer is ``layer``, and Grad-CAM there equals the hand computation."""
     assert default_layer(model.arch, model.module, model.preprocess) == layer
     x = torch.randn(1, model.preprocess.channels, *model.preprocess.input_size)
     result = explain(model.module, x, layer, class_ids=[1], methods=["gradcam"])
-    cam, direct = result.maps["gradcam"][0, 0, 0], direct_gradcam(model.module, x, layer, 1, fold)
+    cam, direct = result.maps["gradcam"][0, 0, 0], hand_gradcam(model.module, x, layer, 1, fold)
     assert direct.max() > 0 and torch.allclose(cam, direct, rtol=0, atol=1e-5 * float(direct.max()))
 
 
@@ -341,5 +321,5 @@ def test_timm_convnext_block_norms_layout_comes_from_the_module(name: str, shape
     assert dict(spatial_layers(model.module, model.preprocess))["stages.3.blocks.1.norm"] == shape
     x, layer = torch.randn(1, 3, 128, 96), "stages.3.blocks.1.norm"
     cam = explain(model.module, x, layer, class_ids=[1], methods=["gradcam"]).maps["gradcam"][0, 0, 0]
-    direct = direct_gradcam(model.module, x, layer, 1, fold)
+    direct = hand_gradcam(model.module, x, layer, 1, fold)
     assert direct.max() > 0 and torch.allclose(cam, direct, rtol=0, atol=1e-5 * float(direct.max()))
