@@ -93,3 +93,18 @@ def distinct_images(folder: Path, count: int, size: tuple[int, int] = (96, 80)) 
         paths.append(folder / f"img{i:05d}.png")
         small.resize(size, Image.BILINEAR).save(paths[-1], compress_level=1)
     return paths
+
+
+def write_scenes(folder: Path, images: torch.Tensor, where: torch.Tensor, side: int = 16) -> list[Path]:
+    """Save scenes as PNGs and masks of their ``side``-pixel objects (same names) under
+    ``folder``/masks."""
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (image, (r, c)) in enumerate(zip(images, where.tolist(), strict=True)):
+        path = folder / f"scene{i:02d}.png"
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+        mask = np.zeros(image.shape[-2:], dtype=np.uint8)
+        mask[r:r + side, c:c + side] = 255
+        Image.fromarray(mask).save(folder / "masks" / path.name)
+        paths.append(path)
+    return paths

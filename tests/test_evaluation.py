@@ -18,7 +18,7 @@ from gradcam_cli.models import LoadedModel
 from gradcam_cli.preprocess import Preprocess
 from gradcam_cli.truth import Truth, read_truth
 
-from .scenes import resnet10, scenes, train_resnet10
+from .scenes import resnet10, scenes, train_resnet10, write_scenes
 
 SIZE, SIDE = 64, 16
 CLASSES = ["square", "plus", "x", "corner"]
@@ -28,20 +28,6 @@ def as_model(net: torch.nn.Module) -> LoadedModel:
     """Wrap a network taking SIZE x SIZE images in [0, 1] as a LoadedModel."""
     preprocess = Preprocess((SIZE, SIZE), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     return LoadedModel("resnet", net.eval(), CLASSES, preprocess, "test")
-
-
-def write_scenes(folder: Path, images: torch.Tensor, where: torch.Tensor) -> list[Path]:
-    """Save scenes as PNGs and their object masks (same names) under ``folder``/masks."""
-    (folder / "masks").mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (image, (r, c)) in enumerate(zip(images, where.tolist(), strict=True)):
-        path = folder / f"scene{i:02d}.png"
-        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
-        mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
-        mask[r:r + SIDE, c:c + SIDE] = 255
-        Image.fromarray(mask).save(folder / "masks" / path.name)
-        paths.append(path)
-    return paths
 
 
 def test_records_tables_and_plots(tmp_path: Path) -> None:

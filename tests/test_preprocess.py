@@ -18,8 +18,7 @@ from gradcam_cli.errors import ArgumentError, InputError
 from gradcam_cli.metrics import pointing_hit
 from gradcam_cli.preprocess import Preprocess, check_input, read_preprocess
 
-from .scenes import scenes, train_resnet10
-from .test_evaluation import write_scenes
+from .scenes import scenes, train_resnet10, write_scenes
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
