@@ -6,9 +6,9 @@ Trains the ResNet with one block per stage of tests/test_evaluation.py (150 Adam
 64x64 scenes where only a 16 px object decides the class, beside two equally conspicuous
 random patterns; fixed seeds, ~30 s), then runs `evaluate` on new scenes with their object
 masks, no pointing tolerance and 20 curve steps at layer2, once per row below, then Grad-CAM
-with random weights as the floor (every row with ``--random``). Prints a Markdown table: pointing game, energy, deletion and
-insertion AUC, Average Drop, and seconds per image (for the trained network), rows in
-the order listed.
+with random weights as the floor (every row with ``--random``). Prints a Markdown table:
+pointing game, energy, deletion and insertion AUC, Average Drop, and seconds per image (for
+the trained network), rows in the order listed.
 """
 
 from __future__ import annotations
