@@ -7,7 +7,8 @@ model, with ratios gradcam / peer.
 Prints the machine, then: start-up time of `gradcam --help` against importing each peer;
 the CAM methods against pytorch-grad-cam and torchcam (bench_cams.py); classify's five maps
 for the top 3 against captum and the bare model (bench_classify.py); folder throughput
-(bench_folder.py). ``--quick`` leaves out Score-CAM and uses fewer images, for a smoke run.
+(bench_folder.py); occlusion against captum's ``Occlusion`` and the floor (bench_occlusion.py).
+``--quick`` leaves out Score-CAM, uses fewer images and one occlusion round, for a smoke run.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def main() -> None:
     run("bench_cams.py", *common, "--repeats", str(args.repeats), "--methods", methods)
     run("bench_classify.py", *common, "--repeats", str(max(args.repeats, 5)))
     run("bench_folder.py", *common, "--images", "40" if args.quick else "200")
+    run("bench_occlusion.py", *common, "--repeats", "1" if args.quick else str(args.repeats))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ Borders (``border``):
   global pooling accepts it; one with a fixed input size is refused) and drops are measured
   from the padded input's score, as seed 001 does.
 
+Passes run on the model's inference copy. Where its first layers are local (convolutions,
+pooling, pointwise activations, sums), they run once on the unoccluded image and each window
+recomputes them only where it changes them (``local.Reuse``); this is used only after the first,
+middle and last windows' logits equal those of full passes, else every window runs in full.
+
 Seed 001 stores one value per window (occluded - unoccluded: negative where the region
 matters) rather than averaging over covering windows, and starts its columns one stride late;
 gradcam reports the drop (positive where the region matters), averaged per pixel.
@@ -23,13 +28,14 @@ gradcam reports the drop (positive where the region matters), averaged per pixel
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import local
 from .choices import OCCLUSION_BORDERS as BORDERS
 from .choices import OCCLUSION_FILLS as FILLS
 from .engine import logits_of
@@ -110,22 +116,39 @@ def occlusion_maps(fast: nn.Module, inputs: torch.Tensor, target: Target, settin
 
 
 def window_drops(fast: nn.Module, image: torch.Tensor, target: Target, i: int, patch: int,
-                 settings: OcclusionSettings, batch_size: int, progress: bool = False) -> torch.Tensor:
+                 settings: OcclusionSettings, batch_size: int, progress: bool = False,
+                 reuse: bool = True) -> torch.Tensor:
     """K x rows x cols: the drop of image ``i``'s K explained scores for each window position,
-    the occluded copies run ``batch_size`` at a time."""
+    the occluded copies run ``batch_size`` at a time; with ``reuse``, through the layers a window
+    changes only locally once (``local.Reuse``) when that pays and agrees with full passes."""
     x, fill = _framed(image, patch, settings)
     stride = settings.stride_for(patch)
     rows, cols = _anchors(x.shape[-2], patch, stride), _anchors(x.shape[-1], patch, stride)
     windows = torch.cartesian_prod(rows, cols).view(-1, 2)
     x = x.contiguous(memory_format=torch.channels_last)
+
+    def full(chunk: torch.Tensor) -> torch.Tensor:
+        covered = _window_masks(windows[chunk], patch, x.shape[-2:]).to(x.device)
+        return logits_of(fast(torch.where(covered, fill, x)))
     with torch.inference_mode():
-        base = target.score(_logits(fast, x, settings), i).float()
-        scores = []
-        for chunk in chunks(torch.arange(len(windows)), batch_size, f"occlusion {patch}", progress):
-            covered = _window_masks(windows[chunk], patch, x.shape[-2:]).to(x.device)
-            scores.append(target.score(logits_of(fast(torch.where(covered, fill, x))), i).float())
+        with local.counting(fast) as macs:
+            base = target.score(_logits(fast, x, settings), i).float()
+        plan = local.Reuse.build(fast, x, fill, windows, patch, sum(macs)) if reuse else None
+        passes = plan.logits if plan is not None and _agrees(plan, full, len(windows)) else full
+        scores = [target.score(passes(chunk), i).float()
+                  for chunk in chunks(torch.arange(len(windows)), batch_size, f"occlusion {patch}", progress)]
     drops = base - torch.cat(scores)                              # windows x K
     return drops.T.reshape(-1, len(rows), len(cols))
+
+
+def _agrees(plan: local.Reuse, full: Callable[[torch.Tensor], torch.Tensor], count: int) -> bool:
+    """Whether reuse gives the full passes' logits for the first, middle and last windows (the
+    ones touching each border and one inside), to float rounding."""
+    check = torch.tensor(sorted({0, count // 2, count - 1}))
+    expected = full(check).float()
+    got = plan.logits(check).float()
+    return got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4,
+                                                          atol=1e-5 * float(expected.abs().max()) + 1e-7)
 
 
 def spread(drops: torch.Tensor, patch: int, settings: OcclusionSettings,

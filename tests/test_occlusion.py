@@ -257,3 +257,134 @@ def test_evaluate_measures_occlusion_maps(tmp_path: Path) -> None:
     occlusion = metrics["occlusion"]
     assert 0 <= occlusion["deletion_auc"] <= 1 and occlusion["pointing_hit"] in (True, False)
     assert record["settings"]["occlusion"]["patches"] == [16]
+
+
+# Reuse: the layers before the first global one run once on the unoccluded image; each window
+# recomputes them only on the region it changes (gradcam_cli/local.py).
+
+REUSED = [  # arch, input (h, w), patch, stride, border, fill: every border, every fill, non-square
+    ("resnet18", (64, 80), 16, 16, "edge", "zero"),
+    ("resnet50", (64, 48), 24, 24, "pad", "mean"),
+    ("vgg11", (48, 64), 24, 24, "edge", "blur"),
+    ("mobilenet_v3_small", (64, 48), 16, 16, "pad", "blur"),
+    ("convnext_tiny", (48, 64), 16, 16, "edge", "mean"),
+    ("resnet18", (52, 44), 20, 8, "pad", "zero"),
+]
+
+
+def drops_both_ways(model: nn.Module, x: torch.Tensor, settings: OcclusionSettings,
+                    batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The window drops of the two top classes with reuse and with full passes, and the plans
+    built, each with whether its self-check passed (``plan.agreed``)."""
+    from gradcam_cli import local
+    from gradcam_cli import occlusion as O
+    fast = P.inference_copy(model)
+    target = top_classes(topk=2)(model(x).detach())
+    plans: list = []
+    build, agrees = local.Reuse.build, O._agrees
+
+    def spying(*args: object, **kwargs: object) -> object:
+        plans.append(build(*args, **kwargs))
+        return plans[-1]
+
+    def checking(plan: local.Reuse, *args: object) -> bool:
+        plan.agreed = agrees(plan, *args)
+        return plan.agreed
+    patch = settings.patches[0]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(local.Reuse, "build", spying)
+        mp.setattr(O, "_agrees", checking)
+        reused = window_drops(fast, x, target, 0, patch, settings, batch_size)
+    full = window_drops(fast, x, target, 0, patch, settings, batch_size, reuse=False)
+    return reused, full, plans
+
+
+@pytest.mark.parametrize(("arch", "size", "patch", "stride", "border", "fill"), REUSED)
+def test_reused_prefix_equals_full_passes(monkeypatch: pytest.MonkeyPatch, arch: str, size: tuple[int, int],
+                                          patch: int, stride: int, border: str, fill: str) -> None:
+    """Random-weight torchvision models, reuse forced wherever a prefix exists: drops equal full
+    passes to 1e-4 of the largest (~1-2 s each)."""
+    from torchvision.models import get_model
+
+    from gradcam_cli import local
+    monkeypatch.setattr(local, "MIN_SAVING", 0.0)
+    torch.manual_seed(5)
+    model = get_model(arch, weights=None).eval()
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(2))
+    settings = OcclusionSettings(patches=(patch,), stride=stride, fill=fill, border=border)
+    reused, full, plans = drops_both_ways(model, x, settings)
+    assert plans and plans[0] is not None, "no prefix found"
+    assert plans[0].agreed, "the self-check refused the reused path"
+    assert reused.shape == full.shape
+    assert (reused - full).abs().max() <= 1e-4 * full.abs().max(), (reused - full).abs().max()
+
+
+def test_reuse_is_chosen_where_it_pays_and_not_for_a_vit() -> None:
+    """At 224 resnet50's prefix reaches past layer1; a ViT's patch embedding is followed by
+    global attention, so it runs full passes (and still equals them)."""
+    from torchvision.models import resnet50
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from gradcam_cli import local
+    fast = P.inference_copy(resnet50().eval())
+    x = torch.randn(1, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    starts = torch.cartesian_prod(torch.arange(13) * 16, torch.arange(13) * 16)
+    with torch.inference_mode(), local.counting(fast) as macs:
+        fast(x)
+        plan = local.Reuse.build(fast, x, torch.zeros_like(x), starts, 32, sum(macs))
+    assert plan is not None
+    convolutions = [s for s in plan.steps if s.kind == "window" and s.window.counted]
+    assert len(convolutions) > 11, plan.cut  # the stem and layer1 have 11
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16,
+                            mlp_dim=32, num_classes=5).eval()
+    reused, full, plans = drops_both_ways(vit, torch.randn(1, 3, 32, 32), OcclusionSettings(patches=(8,)))
+    assert plans == [None] and torch.equal(reused, full)
+
+
+def test_a_reused_path_that_disagrees_is_never_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The self-check runs a few windows both ways; any difference means full passes."""
+    from torchvision.models import resnet18
+
+    from gradcam_cli import local
+    monkeypatch.setattr(local, "MIN_SAVING", 0.0)
+    logits = local.Reuse.logits
+    monkeypatch.setattr(local.Reuse, "logits", lambda self, chunk: logits(self, chunk) * 1.001)
+    settings = OcclusionSettings(patches=(16,), stride=16)
+    reused, full, plans = drops_both_ways(resnet18().eval(), torch.randn(1, 3, 64, 48), settings)
+    assert plans and plans[0] is not None and not plans[0].agreed
+    assert torch.equal(reused, full)
+
+
+def test_reuse_on_a_small_net_equals_captum_for_every_fill_and_border(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small net with a residual addition, max pooling, a dilation, a stride and a scalar
+    product, reuse forced up to the last local node: equal to full passes for every fill and
+    border, and to captum's map."""
+    from gradcam_cli import local
+    for free in ("BOX_COST", "COPY_COST", "MIN_SAVING"):  # boxes cost nothing: the deepest cut wins
+        monkeypatch.setattr(local, free, 0.0)
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(4)
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 5, stride=2, padding=2), nn.ReLU(inplace=True),
+                                      nn.MaxPool2d(3, 2, 1))
+            self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardswish(),
+                                      nn.Conv2d(8, 8, 3, padding=2, dilation=2))
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.stem(x)
+            return self.head(torch.relu(y + self.body(y)) * 2.0)
+    net, x = Residual().eval(), torch.randn(1, 3, 41, 33, generator=torch.Generator().manual_seed(6))
+    for fill, border in [("zero", "edge"), ("mean", "pad"), ("blur", "pad")]:
+        settings = OcclusionSettings(patches=(9,), stride=5, fill=fill, border=border)
+        reused, full, plans = drops_both_ways(net, x, settings, batch_size=7)
+        assert plans[0] is not None and plans[0].cut == "mul", plans[0] and plans[0].cut
+        assert plans[0].agreed, (fill, border)
+        assert (reused - full).abs().max() <= 1e-4 * full.abs().max(), (fill, border)
+    result = explain(net, x, "stem.0", class_ids=[2], methods=["occlusion"],
+                     settings=occluding(patches=(9,), stride=5, fill="blur"))
+    expected = captum_map(net, x, 9, 5, "blur", 2)
+    assert torch.allclose(result.maps["occlusion"][0, 0], expected, atol=1e-5)
