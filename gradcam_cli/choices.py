@@ -9,3 +9,7 @@ CROPS = ("center", "none")                       # what is cut from the resized 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 OCCLUSION_FILLS = ("zero", "mean", "blur")       # what an occlusion patch becomes
 OCCLUSION_BORDERS = ("edge", "pad")              # captum's windows, or seed 001's padding
+IG_BASELINES = ("black", "blur", "mean")         # Integrated Gradients' path start
+IG_RULES = ("gausslegendre", "riemann-trapezoid")  # captum's gausslegendre and riemann_trapezoid
+SMOOTH_TYPES = ("smoothgrad", "smoothgrad-sq", "vargrad")  # captum NoiseTunnel's nt_type
+CAM_FUSIONS = ("mean", "max")                    # how classify fuses several layers' CAMs

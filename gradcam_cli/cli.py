@@ -18,13 +18,17 @@ from tqdm import tqdm
 from . import __version__
 from .choices import (
     BASELINES,
+    CAM_FUSIONS,
     CROPS,
+    IG_BASELINES,
+    IG_RULES,
     INTERPOLATIONS,
     OCCLUSION_BORDERS,
     OCCLUSION_FILLS,
     PROXY_KINDS,
     RESIZES,
     SIMILARITIES,
+    SMOOTH_TYPES,
 )
 from .classes import SCORES
 from .cleanup import remove_temporaries
@@ -37,6 +41,9 @@ if TYPE_CHECKING:  # the library is imported inside each command, so `--help` st
 
     from .models import LoadedModel
     from .occlusion import OcclusionSettings
+    from .paths import PathSettings, SmoothSettings
+    from .refine import CamSettings
+    from .rise import RiseSettings
     from .settings import MethodSettings
 
 EXIT_CODES = """Exit codes: 0 every image done (or skipped); 1 at least one image failed, or an
@@ -147,7 +154,12 @@ FLAGS = {  # library argument -> the option that sets it
     "input_size": "--input-size", "resize": "--resize", "crop": "--crop", "mean": "--mean",
     "std": "--std", "channels": "--channels", "interpolation": "--interpolation",
     "preprocess": "--preprocess",
+    "fuse": "--fuse", "aug_smooth": "--aug-smooth", "eigen_smooth": "--eigen-smooth",
     "patches": "--patch", "stride": "--stride", "fill": "--occlusion-fill", "border": "--occlusion-border",
+    "n_masks": "--rise-masks", "cell": "--rise-cell", "probability": "--rise-probability",
+    "background": "--rise-fill",
+    "ig_steps": "--ig-steps", "ig_baseline": "--ig-baseline", "ig_rule": "--ig-rule",
+    "samples": "--smooth", "noise": "--noise", "smooth_type": "--smooth-type",
 }
 
 
@@ -358,13 +370,124 @@ def occlusion_settings(methods: tuple[str, ...], options: dict) -> OcclusionSett
                              border or defaults.border)
 
 
+rise_options = option_group(
+    click.option("--rise-masks", type=int, metavar="N",
+                 help="RISE: randomly masked copies per image (default 4000, as the paper)."),
+    click.option("--rise-cell", type=int, metavar="C",
+                 help="RISE: the masks' cell size in pixels of the model's input (default 32: 7x7 "
+                      "cells at 224, as the paper)."),
+    click.option("--rise-probability", type=float, metavar="P",
+                 help="RISE: the chance each cell is shown (default 0.5)."),
+    click.option("--rise-fill", type=click.Choice(OCCLUSION_FILLS),
+                 help="RISE: what hidden pixels become: zero in the normalised space (the "
+                      "normalisation's mean colour, as RISE's code; default), the image's mean "
+                      "colour, or a blurred copy."),
+)
+
+
+def rise_settings(methods: tuple[str, ...], options: dict) -> RiseSettings:
+    """RISE's options (taken out of ``options``) as the library's settings, checked once;
+    refused without --method rise, where they would do nothing."""
+    from .rise import RiseSettings
+    given = {"--rise-masks": options.pop("rise_masks"), "--rise-cell": options.pop("rise_cell"),
+             "--rise-probability": options.pop("rise_probability"),
+             "--rise-fill": options.pop("rise_fill")}
+    flag = next((f for f, v in given.items() if v is not None), None)
+    if flag and "rise" not in methods:
+        raise UsageError(f"{flag} applies to --method rise, which is not asked for")
+    fields = zip(("n_masks", "cell", "probability", "background"), given.values(), strict=True)
+    return RiseSettings(**{name: value for name, value in fields if value is not None})
+
+
+path_options = option_group(
+    click.option("--ig-steps", type=int, metavar="N",
+                 help="Integrated Gradients: points on the path from the baseline (default 32)."),
+    click.option("--ig-baseline", type=click.Choice(IG_BASELINES),
+                 help="Integrated Gradients: where the path starts: a black image (default), a "
+                      "blurred copy, or the image's mean colour."),
+    click.option("--ig-rule", type=click.Choice(IG_RULES),
+                 help="Integrated Gradients: captum's quadrature, gausslegendre (default, as "
+                      "captum's) or riemann-trapezoid."),
+)
+
+
+def path_settings(methods: tuple[str, ...], options: dict) -> PathSettings:
+    """Integrated Gradients' options (taken out of ``options``) as the library's settings,
+    checked once; refused without --method integrated-gradients."""
+    from .paths import PathSettings
+    given = {"--ig-steps": options.pop("ig_steps"), "--ig-baseline": options.pop("ig_baseline"),
+             "--ig-rule": options.pop("ig_rule")}
+    flag = next((f for f, v in given.items() if v is not None), None)
+    if flag and "integrated-gradients" not in methods:
+        raise UsageError(f"{flag} applies to --method integrated-gradients, which is not asked for")
+    fields = zip(("ig_steps", "ig_baseline", "ig_rule"), given.values(), strict=True)
+    return PathSettings(**{name: value for name, value in fields if value is not None})
+
+
+smooth_options = option_group(
+    click.option("--smooth", type=int, metavar="N",
+                 help="SmoothGrad: average every gradient map (backprop maps, gradient CAMs) over "
+                      "N noisy copies of the image (Smilkov et al. 2017; default: off)."),
+    click.option("--noise", type=float, metavar="SIGMA",
+                 help="SmoothGrad: the noise's standard deviation as a fraction of each image's "
+                      "value range, max - min (default 0.15)."),
+    click.option("--smooth-type", type=click.Choice(SMOOTH_TYPES),
+                 help="SmoothGrad: the maps' mean (default), the mean of their squares, or their "
+                      "variance (captum's NoiseTunnel types)."),
+)
+
+
+def smooth_settings(methods: tuple[str, ...], options: dict) -> SmoothSettings:
+    """SmoothGrad's options (taken out of ``options``) as the library's settings, checked once;
+    refused without a gradient map to smooth, and --noise or --smooth-type without --smooth."""
+    from .paths import SmoothSettings, smoothed_methods
+    given = {"--smooth": options.pop("smooth"), "--noise": options.pop("noise"),
+             "--smooth-type": options.pop("smooth_type")}
+    flag = next((f for f, v in list(given.items())[1:] if v is not None), None)
+    if flag and given["--smooth"] is None:
+        raise UsageError(f"{flag} applies to --smooth, which is not given")
+    if given["--smooth"] and not set(smoothed_methods()) & set(methods):
+        raise UsageError(f"--smooth applies to gradient maps ({', '.join(smoothed_methods())}), "
+                         "none of which is asked for")
+    fields = zip(("samples", "noise", "smooth_type"), given.values(), strict=True)
+    return SmoothSettings(**{name: value for name, value in fields if value is not None})
+
+
+cam_options = option_group(
+    click.option("--aug-smooth", is_flag=True,
+                 help="CAMs and FullGrad: average the maps of the input flipped left-right and its "
+                      "values scaled by 0.9, 1 and 1.1 (pytorch-grad-cam's aug_smooth), each "
+                      "normalised and mapped back; six times the passes."),
+    click.option("--eigen-smooth", is_flag=True,
+                 help="CAMs: the first principal component of the weighted activations instead of "
+                      "their sum (pytorch-grad-cam's eigen_smooth)."),
+)
+
+
+def cam_settings(methods: tuple[str, ...], options: dict) -> CamSettings:
+    """The CAM refinements (taken out of ``options``; --fuse is classify's), checked once;
+    a smoothing flag is refused without a method it changes."""
+    from .refine import EIGEN_SMOOTHED, CamSettings, aug_smoothed
+    aug, eigen = options.pop("aug_smooth"), options.pop("eigen_smooth")
+    if aug and not aug_smoothed(methods):
+        raise UsageError("--aug-smooth applies to the CAM methods and fullgrad, none of which is asked for")
+    if eigen and not set(EIGEN_SMOOTHED) & set(methods):
+        raise UsageError(f"--eigen-smooth applies to --method {','.join(EIGEN_SMOOTHED)}, none of "
+                         "which is asked for")
+    return CamSettings(aug, eigen, options.pop("fuse", None))
+
+
 def method_settings(methods: tuple[str, ...], options: dict) -> MethodSettings:
     """Every method option (taken out of ``options``) as one ``MethodSettings``, checked once."""
     from .settings import MethodSettings
-    return MethodSettings(occlusion=occlusion_settings(methods, options))
+    return MethodSettings(occlusion=occlusion_settings(methods, options),
+                          rise=rise_settings(methods, options),
+                          ig=path_settings(methods, options),
+                          smooth=smooth_settings(methods, options),
+                          cam=cam_settings(methods, options))
 
 
-method_options = option_group(occlusion_options)
+method_options = option_group(occlusion_options, rise_options, path_options, smooth_options, cam_options)
 
 
 def class_options(topk: int) -> Callable[[Callable], Callable]:
@@ -406,26 +529,34 @@ def top_k(model: LoadedModel, default: int, topk: int | None, targets: str | Non
 @skip_option
 @class_options(topk=3)
 @layer_option
+@click.option("--layers", metavar="A,B,…",
+              help="Several target layers, comma-separated: each CAM is one map fused from theirs, "
+                   "each normalised first (see --fuse).")
+@click.option("--fuse", type=click.Choice(CAM_FUSIONS),
+              help="With --layers: the normalised maps' mean (default, as pytorch-grad-cam) or maximum.")
 @method_option
 @method_options
 def classify(arch: str, weights: str, num_classes: int | None, labels: str | None,
-             unsafe_load: bool, cuda: bool | None, layer: str | None, methods: tuple[str, ...],
-             topk: int | None, class_ids: tuple[int, ...], **options: object) -> None:
+             unsafe_load: bool, cuda: bool | None, layer: str | None, layers: str | None,
+             methods: tuple[str, ...], topk: int | None, class_ids: tuple[int, ...],
+             **options: object) -> None:
     """Explain the top-k classes of a classifier with five maps per class."""
     from .methods import DEFAULT_METHODS
     from .models import load_model
     from .pipeline import classify as classify_images
-    from .pipeline import resolve_layer
+    from .pipeline import resolve_fused
 
     methods = methods or DEFAULT_METHODS
     settings = method_settings(methods, options)
+    names = [n.strip() for n in (layers or "").split(",") if n.strip()]
 
     def start(model: LoadedModel, _items: list) -> Callable[..., Iterator[dict]]:
-        chosen = resolve_layer(model, layer)
-        if layer is None:
-            click.echo(f"gradcam: target layer {chosen} (default for {model.arch}; "
+        chosen = resolve_fused(model, layer, names, settings.cam.fuse)
+        if layer is None and not names:
+            click.echo(f"gradcam: target layer {chosen[0]} (default for {model.arch}; "
                        "change with --layer)", err=True)
-        return partial(classify_images, layer=chosen, methods=methods, settings=settings,
+        where = {"layers": chosen} if names else {"layer": chosen[0]}
+        return partial(classify_images, **where, methods=methods, settings=settings,
                        topk=top_k(model, 3, topk, options["targets"]), class_ids=class_ids)
     load = preprocessed(partial(load_model, arch, weights, num_classes, labels, unsafe_load,
                                 pick_device(cuda)), arch, weights)

@@ -41,6 +41,7 @@ from .explanation import Explanation, explain
 from .io import atomic_write, json_bytes, png_bytes
 from .methods import DEFAULT_METHODS, overlay, title
 from .models import LoadedModel
+from .paths import completeness_field, with_normalisation
 from .pipeline import resolve_layer
 from .render import line_plot
 from .runner import Item, Loaded, Task, run
@@ -99,7 +100,7 @@ def evaluate(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
         raise ArgumentError("score", score, "evaluate's curves and Average Drop need a probability "
                             "(softmax or sigmoid)")
     measured = Settings(chosen, methods, steps, baseline, tolerance, sanity, batch_size,
-                        check_settings(settings))
+                        with_normalisation(check_settings(settings), model.preprocess))
     task = Evaluation(model, measured, classes, truth, progress)
     return run(task, images, output_dir, batch_size, skip_existing, stop)
 
@@ -173,7 +174,8 @@ class Evaluation(Task):
             probability = {"probability": round(original, 6)} if scoring.kind == "softmax" else {}
             classes.append({"rank": k + 1, "class_id": class_id,
                             "name": self.model.categories[class_id], "score": round(original, 6),
-                            "score_kind": scoring.kind, **probability, "metrics": rows})
+                            "score_kind": scoring.kind, **probability,
+                            **completeness_field(result.completeness, i, k), "metrics": rows})
         top, value = result.predicted[i]
         predicted = {"class_id": top, "name": self.model.categories[top], "score": round(value, 6)}
         record = {"image": str(item.path), "arch": self.model.arch, "weights": self.model.weights,

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
+from . import fullgrad as FG
 from . import methods as M
+from . import paths as PA
 from . import perturb as P
+from . import refine as R
 from .engine import ForwardPass, forward_pass
 from .errors import ArgumentError, ArgumentTypeError, UsageError, unknown
 from .layout import Layout, to_nchw
 from .models import find_layer, layer_layout
 from .occlusion import OcclusionSettings, occlusion_maps
+from .rise import RiseSettings, draw, rise_maps
 from .settings import MethodSettings, check_settings
 from .targets import Chooser, Target, top_classes
 
@@ -36,6 +40,7 @@ class Explanation:
     gates: int | None  # ReLU-type activations found; None when no guided/deconv map was asked
     errors: list[str | None] = field(default_factory=list)  # per image: why it has no maps
     predicted: list[tuple[int, float]] | None = None  # per image: top-1 class and its score
+    completeness: torch.Tensor | None = None  # NxK, Integrated Gradients: Σ attributions - (S(x) - S(x'))
 
 
 class ZeroGradientError(ArgumentError):
@@ -86,7 +91,9 @@ def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str
     choose = target or top_classes(topk, class_ids)
     modules = {name: find_layer(module, name) for name in layers}
     layouts = {name: layer_layout(module, name, inputs) for name in layers}
-    with forward_pass(module, inputs, modules) as fp:
+    biases = FG.bias_layers(module) if "fullgrad" in methods else {}
+    clean = PA.unsmoothed(methods, settings.smooth)  # the maps of the clean input's backward passes
+    with forward_pass(module, inputs, {**biases, **modules}) as fp:
         missing = [name for name in layers if name not in fp.activations]
         if missing:
             raise UsageError(f"--layer {missing[0]} did not produce a tensor in the forward pass; "
@@ -94,8 +101,10 @@ def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str
         chosen = choose(fp.logits.detach())
         k = chosen.chosen.shape[1]
         scores = chosen.score(fp.logits)  # NxK, one graph shared by every backward pass
-        ranks, dead = zip(*[_explain_class(fp, scores[:, r], layers, methods, layouts)
-                            for r in range(k)], strict=True)
+        ranks, dead = zip(*[_explain_class(fp, scores[:, r], layers, clean, layouts,
+                                           settings.cam.eigen_smooth) for r in range(k)], strict=True)
+        full = (torch.stack([FG.fullgrad_map(fp, scores[:, r], biases) for r in range(k)], dim=1)
+                if biases else None)
         errors = _errors(list(dead), layers, len(inputs))
         gates = len(fp.gates) if {"guided", "deconv", "guided-gradcam"} & set(methods) else None
         acts = {name: fp.activations[name].detach() for name in layers}
@@ -103,6 +112,12 @@ def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str
     size = tuple(inputs.shape[-2:])
     occluded = (_occlusion(module, inputs, chosen, settings.occlusion, batch_size, progress)
                 if "occlusion" in methods else {})
+    risen = ({"rise": _rise(module, inputs, chosen, settings.rise, batch_size, progress)}
+             if "rise" in methods else {})
+    integrated = (PA.integrated_gradients(module, inputs, chosen, settings.ig, batch_size, progress, outputs)
+                  if "integrated-gradients" in methods else None)
+    smoothed = (_smoothed(module, inputs, modules, layers, methods, layouts, chosen, settings, batch_size,
+                          progress) if settings.smooth.used_by(methods) else {})
     results = []
     for name in layers:
         maps = {m: torch.stack([r[name, m] for r in ranks], dim=1) for m in methods
@@ -113,11 +128,40 @@ def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str
         for method in M.PERTURBATION_CAMS:
             if method in methods:
                 maps[method] = _perturbation_cam(method, module, modules[name], inputs, acts[name],
-                                                 layouts[name], outputs, chosen, batch_size, progress)
+                                                 layouts[name], outputs, chosen, batch_size, progress,
+                                                 settings.cam.eigen_smooth)
+        if full is not None:
+            maps["fullgrad"] = full
         maps.update(occluded)
+        maps.update(risen)
+        maps.update({m: smooth for (layer, m), smooth in smoothed.items() if layer == name})
+        if integrated is not None:
+            maps["integrated-gradients"] = integrated[0]
         names = [n for m in methods for n in (settings.occlusion.names() if m == "occlusion" else [m])]
         results.append(Explanation(chosen.table, chosen.chosen, {n: maps[n] for n in names},
-                                   name, gates, errors, chosen.predicted))
+                                   name, gates, errors, chosen.predicted,
+                                   completeness=None if integrated is None else integrated[1]))
+    return _aug_smooth(results, module, inputs, layers, methods, batch_size, chosen, settings)
+
+
+def _aug_smooth(results: list[Explanation], module: nn.Module, inputs: torch.Tensor, layers: Sequence[str],
+                methods: Sequence[str], batch_size: int, target: Target,
+                settings: MethodSettings) -> list[Explanation]:
+    """With ``aug_smooth``, each CAM the mean of its min-max normalised maps over the augmented
+    copies (``refine``), mapped back; every copy explains the classes chosen on the clean input."""
+    smoothed = R.aug_smoothed(methods)
+    if not (settings.cam.aug_smooth and smoothed):
+        return results
+    once = replace(settings, cam=replace(settings.cam, aug_smooth=False))
+    totals = [{m: R.minmax(r.maps[m]) for m in smoothed} for r in results]
+    for flip, factor in R.AUGMENTATIONS[1:]:
+        copies = explain_layers(module, R.augment(inputs, flip, factor), layers, methods=smoothed,
+                                batch_size=batch_size, target=lambda _logits: target, settings=once)
+        for total, copy in zip(totals, copies, strict=True):
+            for m in smoothed:
+                total[m] += R.minmax(R.restore(copy.maps[m], flip))
+    for total, result in zip(totals, results, strict=True):
+        result.maps.update({m: t / len(R.AUGMENTATIONS) for m, t in total.items()})
     return results
 
 
@@ -132,12 +176,52 @@ def _occlusion(module: nn.Module, inputs: torch.Tensor, target: Target, settings
         gc.collect()
 
 
+def _rise(module: nn.Module, inputs: torch.Tensor, target: Target, settings: RiseSettings,
+          batch_size: int, progress: bool) -> torch.Tensor:
+    """RISE's maps, NxKx1xHxW, from passes on the fast inference copy."""
+    drawn = draw(settings, (inputs.shape[-2], inputs.shape[-1]))  # checks the cell before the copy
+    fast = P.inference_copy(module)
+    try:
+        return rise_maps(fast, inputs.detach(), target, settings, drawn, batch_size, progress)
+    finally:  # a torch.fx copy sits in reference cycles: free it now, not later
+        del fast
+        gc.collect()
+
+
+def _smoothed(module: nn.Module, inputs: torch.Tensor, modules: dict[str, nn.Module], layers: Sequence[str],
+              methods: Sequence[str], layouts: dict[str, Layout], target: Target,
+              settings: MethodSettings, batch_size: int, progress: bool) -> dict:
+    """Per (layer, method), NxKx… SmoothGrad maps of the gradient methods: each image's noisy
+    copies run through the clean input's passes, for the classes chosen on the clean input;
+    input gradients alone run on the model's gradient copy (``paths.on_gradient_copy``)."""
+    def maps_of(copies: torch.Tensor, rows: torch.Tensor) -> dict:
+        with forward_pass(module, copies, modules) as fp:
+            scores = PA.rows_of(target, rows).score(fp.logits)
+            ranks = [_explain_class(fp, scores[:, r], layers, methods, layouts,
+                                    settings.cam.eigen_smooth)[0] for r in range(scores.shape[1])]
+        return {key: torch.stack([r[key] for r in ranks], dim=1) for key in ranks[0]}
+
+    def input_gradients(fast: nn.Module) -> dict:
+        def run(copies: torch.Tensor, rows: torch.Tensor) -> dict:
+            with forward_pass(fast, copies.contiguous(memory_format=torch.channels_last), {}) as fp:
+                scores = PA.rows_of(target, rows).score(fp.logits)
+                return {m: torch.stack([fp.gradients(s.sum(), M.GRADIENT_METHODS[m], [fp.inputs])[0]
+                                        for s in scores.T], dim=1) for m in smoothed}
+        maps = PA.smooth(run, inputs, settings.smooth, batch_size, progress)
+        return {(name, m): value for m, value in maps.items() for name in layers}
+    smoothed = [m for m in methods if m in PA.smoothed_methods()]
+    if all(m in M.GRADIENT_METHODS for m in smoothed):
+        return PA.on_gradient_copy(module, input_gradients)
+    return PA.smooth(maps_of, inputs, settings.smooth, batch_size, progress)
+
+
 def _explain_class(fp: ForwardPass, scores: torch.Tensor, layers: Sequence[str], methods: Sequence[str],
-                   layouts: dict[str, Layout]
+                   layouts: dict[str, Layout], eigen_smooth: bool = False
                    ) -> tuple[dict[tuple[str, str], torch.Tensor], dict[str, torch.Tensor]]:
     """The gradient maps for one score per image, keyed by (layer, method), and per layer which
     images have no gradient there; each backward pass is run once and shared by every layer
-    (input-gradient maps are the same for all layers)."""
+    (input-gradient maps are the same for all layers). ``eigen_smooth``: the CAMs' terms
+    projected on their first principal component (``refine``)."""
     score = scores.sum()  # images are independent in eval mode, so one backward serves all
     size = tuple(fp.inputs.shape[-2:])
     wanted = set(methods) | ({"guided", "gradcam"} if "guided-gradcam" in methods else set())
@@ -153,7 +237,8 @@ def _explain_class(fp: ForwardPass, scores: torch.Tensor, layers: Sequence[str],
         for name, layer_grads in zip(layers if cams else [], grads, strict=True):
             dead[name] = _zero_gradient(layer_grads, layouts[name])
             acts = fp.activations[name].detach()
-            maps.update({(name, m): M.cam(m, acts, layer_grads, size, layouts[name]) for m in cams})
+            maps.update({(name, m): M.cam(m, acts, layer_grads, size, layouts[name], eigen_smooth)
+                         for m in cams})
     for method in ("guided", "deconv"):
         if method in wanted:
             (inputs[method],) = fp.gradients(score, M.GRADIENT_METHODS[method], [fp.inputs])
@@ -166,7 +251,7 @@ def _explain_class(fp: ForwardPass, scores: torch.Tensor, layers: Sequence[str],
 
 def _perturbation_cam(method: str, module: nn.Module, layer: nn.Module, inputs: torch.Tensor,
                       acts: torch.Tensor, layout: Layout, outputs: torch.Tensor, target: Target,
-                      batch_size: int, progress: bool) -> torch.Tensor:
+                      batch_size: int, progress: bool, eigen_smooth: bool = False) -> torch.Tensor:
     """Score-CAM or Ablation-CAM maps, NxKx1xHxW, from one table of outputs per image (a row
     per perturbed channel) turned into the K explained scores."""
     size = tuple(inputs.shape[-2:])
@@ -181,7 +266,8 @@ def _perturbation_cam(method: str, module: nn.Module, layer: nn.Module, inputs: 
             table = target.score(P.ablation_logits(module, layer, image, layout, batch_size, progress), i)
             original = target.score(outputs[i:i + 1].float(), i)[0]
             weights = (original - table) / original
-        images.append(torch.cat([M.weighted_cam(act, w[None], size, layout) for w in weights.T]))
+        images.append(torch.cat([M.weighted_cam(act, w[None], size, layout, eigen_smooth)
+                                 for w in weights.T]))
     if fast is not None:  # a torch.fx copy sits in reference cycles: free it now, not later
         del fast
         gc.collect()

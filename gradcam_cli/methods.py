@@ -31,19 +31,21 @@ class Method:
     needs: str          # what it is computed from: input-gradient (under ``rule``), layer-gradient,
                         # guided-and-layer-gradient, layer (activations only), layer-passes (a
                         # forward pass per channel), input-passes (a forward pass per patch position)
+                        # input-path (input gradients at points between a baseline and the input)
+                        # bias-gradient (input and every bias's gradient: FullGrad)
     rule: str | None = None   # an input-gradient method's engine rule
     default: bool = False     # computed when no method is given
 
     @property
     def layered(self) -> bool:
         """Whether the map depends on the target layer (so compare-layers can use it)."""
-        return self.needs not in ("input-gradient", "input-passes")
+        return self.needs not in ("input-gradient", "input-passes", "bias-gradient", "input-path")
 
     @property
     def overlay(self) -> bool:
         """Whether the map is one channel drawn as a heat map over the crop (CAMs, occlusion),
         rather than an input gradient's picture."""
-        return self.needs in ("layer-gradient", "layer", "layer-passes", "input-passes")
+        return self.needs in ("layer-gradient", "layer", "layer-passes", "input-passes", "bias-gradient")
 
 
 REGISTRY: tuple[Method, ...] = (
@@ -53,6 +55,9 @@ REGISTRY: tuple[Method, ...] = (
            "ReLU inputs (Springenberg et al. 2014)", "input-gradient", rule="guided", default=True),
     Method("deconv", "deconvnet", "deconvnet: positive part of the gradient through every ReLU "
            "(Zeiler & Fergus 2013)", "input-gradient", rule="deconv", default=True),
+    Method("integrated-gradients", "integrated gradients", "input gradients averaged along a path from "
+           "a baseline, times the input's difference to it (Sundararajan et al. 2017); a forward "
+           "and backward pass per path point", "input-path"),
     Method("gradcam", "Grad-CAM", "channels weighted by their mean gradient (Selvaraju et al. 2017)",
            "layer-gradient", default=True),
     Method("guided-gradcam", "guided Grad-CAM", "guided backprop x upsampled Grad-CAM "
@@ -65,6 +70,8 @@ REGISTRY: tuple[Method, ...] = (
            "(Jiang et al. 2021)", "layer-gradient"),
     Method("hirescam", "HiResCAM", "activations times gradients element-wise, summed over channels "
            "(Draelos & Carin 2020)", "layer-gradient"),
+    Method("eigengradcam", "EigenGrad-CAM", "first principal component of activations x gradients, "
+           "sign set by HiResCAM's map (pytorch-grad-cam's)", "layer-gradient"),
     Method("eigencam", "Eigen-CAM", "first principal component of the activations, class-agnostic, "
            "sign set by the total activation (Muhammad & Yeasin 2020)", "layer"),
     Method("scorecam", "Score-CAM", "channels weighted by the class score of the input masked by each "
@@ -72,9 +79,14 @@ REGISTRY: tuple[Method, ...] = (
     Method("ablationcam", "Ablation-CAM", "channels weighted by the score drop when each is zeroed "
            "(Desai & Ramaswamy 2020); one pass of the layers after the target per channel",
            "layer-passes"),
+    Method("fullgrad", "FullGrad", "input-gradient x input plus every conv and batch-norm bias x its "
+           "gradient, each channel normalised (Srinivas & Fleuret 2019); not layer-dependent",
+           "bias-gradient"),
     Method("occlusion", "occlusion", "drop of the class score when a patch covers each position, "
            "averaged over overlapping patches (Zeiler & Fergus 2014); one pass per patch position",
            "input-passes"),
+    Method("rise", "RISE", "class score averaged over randomly masked copies, each pixel weighted "
+           "by its visibility (Petsiuk et al. 2018); one pass per mask", "input-passes"),
 )
 REGISTRY_BY_NAME = {m.name: m for m in REGISTRY}
 
@@ -113,8 +125,9 @@ def upsample(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def weighted_channels(acts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ_k w_k A^k: the class-activation map of per-channel weights (NxC) over NxCxhxw."""
-    return (weights[:, :, None, None] * acts).sum(dim=1)
+    """w_k A^k (NxCxhxw) for per-channel weights (NxC): the terms a class-activation map sums
+    over k (``channel_sum``), or projects on their first principal component (eigen smoothing)."""
+    return weights[:, :, None, None] * acts
 
 
 def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -143,12 +156,12 @@ def xgradcam_map(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
 
 def layercam_map(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     """Layer-CAM: Σ_k relu(G^k) ⊙ A^k, each position weighted by its own gradient."""
-    return (grads.clamp(min=0) * acts).sum(dim=1)
+    return grads.clamp(min=0) * acts
 
 
 def hirescam_map(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     """HiResCAM: Σ_k G^k ⊙ A^k, the element-wise product that Grad-CAM's averaging blurs."""
-    return (grads * acts).sum(dim=1)
+    return grads * acts
 
 
 def eigencam_map(acts: torch.Tensor, _grads: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,35 +171,65 @@ def eigencam_map(acts: torch.Tensor, _grads: torch.Tensor | None = None) -> torc
     correlate positively with the layer's total activation Σ_k A^k: the same input always gives
     the same map, and the map points where the layer is active.
     """
-    n, _, h, w = acts.shape
-    positions = acts.flatten(2).transpose(1, 2).double()           # N x hw x C
+    return first_component(acts)
+
+
+def eigengradcam_map(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """EigenGrad-CAM (pytorch-grad-cam's): the first principal component of G ⊙ A, its sign
+    set by HiResCAM's map Σ_k G^k ⊙ A^k, so it points where the class score is raised."""
+    return first_component(grads * acts)
+
+
+def first_component(terms: torch.Tensor) -> torch.Tensor:
+    """Positions (NxCxhxw) projected on the first principal direction of the centred terms.
+
+    An SVD fixes that direction only up to sign, so the sign is chosen to make the projection
+    correlate positively with the terms' plain sum Σ_k: the same input always gives the same
+    map, and the map points where the sum does (for Eigen-CAM, where the layer is active).
+    """
+    n, _, h, w = terms.shape
+    positions = terms.flatten(2).transpose(1, 2).double()          # N x hw x C
     centred = positions - positions.mean(dim=1, keepdim=True)
     direction = torch.linalg.svd(centred, full_matrices=False).Vh[:, 0]  # N x C
     projection = (centred @ direction[:, :, None])[..., 0]         # N x hw
     total = positions.sum(dim=2)
     agreement = ((projection - projection.mean(1, True)) * (total - total.mean(1, True))).sum(1)
     sign = torch.where(agreement < 0, -1.0, 1.0).to(projection)
-    return (projection * sign[:, None]).reshape(n, h, w).to(acts.dtype)
+    return (projection * sign[:, None]).reshape(n, h, w).to(terms.dtype)
 
 
+# Each gives the terms (NxCxhxw) its map sums over the channels.
 CAM_MAPS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "gradcam": gradcam_map, "gradcam++": gradcam_pp_map, "xgradcam": xgradcam_map,
-    "layercam": layercam_map, "hirescam": hirescam_map, "eigencam": eigencam_map,
+    "layercam": layercam_map, "hirescam": hirescam_map,
+}
+# Each gives its map (Nxhxw), a projection on a first principal component.
+PROJECTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "eigencam": eigencam_map, "eigengradcam": eigengradcam_map,
 }
 
 
+def channel_sum(terms: torch.Tensor, eigen_smooth: bool = False) -> torch.Tensor:
+    """A CAM from its terms: their sum over channels, or with ``eigen_smooth`` their first
+    principal component (pytorch-grad-cam's eigen smoothing, oriented as the sum)."""
+    return first_component(terms) if eigen_smooth else terms.sum(dim=1)
+
+
 def cam(method: str, activations: torch.Tensor, gradients: torch.Tensor | None,
-        size: tuple[int, int], layout: Layout) -> torch.Tensor:
+        size: tuple[int, int], layout: Layout, eigen_smooth: bool = False) -> torch.Tensor:
     """A gradient or eigen CAM method's map: fold the layout, apply the method, ReLU, upsample."""
     acts = to_nchw(activations, layout).float()
     grads = None if gradients is None else to_nchw(gradients, layout).float()
-    return upsample(F.relu(CAM_MAPS[method](acts, grads)), size)
+    if method in PROJECTIONS:
+        return upsample(F.relu(PROJECTIONS[method](acts, grads)), size)
+    return upsample(F.relu(channel_sum(CAM_MAPS[method](acts, grads), eigen_smooth)), size)
 
 
 def weighted_cam(activations: torch.Tensor, weights: torch.Tensor,
-                 size: tuple[int, int], layout: Layout) -> torch.Tensor:
+                 size: tuple[int, int], layout: Layout, eigen_smooth: bool = False) -> torch.Tensor:
     """The map of channel weights found by perturbation (Score-CAM, Ablation-CAM)."""
-    return upsample(F.relu(weighted_channels(to_nchw(activations, layout).float(), weights)), size)
+    terms = weighted_channels(to_nchw(activations, layout).float(), weights)
+    return upsample(F.relu(channel_sum(terms, eigen_smooth)), size)
 
 
 def gradcam(activations: torch.Tensor, gradients: torch.Tensor,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +29,11 @@ from PIL import Image
 from .errors import ArgumentError, InputError
 from .explanation import Explanation, explain_layers
 from .io import atomic_write, png_bytes, slug
-from .methods import CAM_METHODS, DEFAULT_METHODS, REGISTRY_BY_NAME
+from .methods import CAM_METHODS, DEFAULT_METHODS, REGISTRY_BY_NAME, method_of
 from .models import LoadedModel, blank_input, default_layer, layer_layout, stage_layers
+from .paths import completeness_field, with_normalisation
 from .proxies import Candidates
+from .refine import fuse, fuse_needs
 from .render import grid_image, map_image
 from .runner import Item, Loaded, Task, run
 from .settings import MethodSettings, check_settings
@@ -58,6 +60,19 @@ def resolve_layers(model: LoadedModel, layers: Sequence[str] = ()) -> list[str]:
     return list(layers)
 
 
+def resolve_fused(model: LoadedModel, layer: str | None, layers: Sequence[str], how: str | None) -> list[str]:
+    """classify's layers: one (``layer``, or the default), or two or more ``layers`` whose CAMs
+    are fused into one map (``how``: mean or max); each checked as by ``resolve_layer``."""
+    if layers and layer is not None:
+        raise ArgumentError("layers", ",".join(layers), "give one target layer or several to fuse, not both")
+    if len(layers) == 1:
+        raise ArgumentError("layers", layers[0], "one layer is not fused: name two or more, or give it as "
+                            "the target layer")
+    if how is not None and not layers:
+        raise ArgumentError("fuse", how, "fuses several layers' maps: name two or more layers")
+    return resolve_layers(model, layers) if layers else [resolve_layer(model, layer)]
+
+
 def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path = "results",
              layer: str | None = None, topk: int = 3, class_ids: Sequence[int] = (),
              methods: Sequence[str] = DEFAULT_METHODS, batch_size: int = 8,
@@ -65,7 +80,7 @@ def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
              progress: bool = False, class_names: Sequence[str] = (),
              targets: str | Path | Mapping[str, Sequence[int | str]] | None = None,
              score: str | None = None, negative: bool = False,
-             settings: MethodSettings | None = None) -> Iterator[dict]:
+             settings: MethodSettings | None = None, layers: Sequence[str] = ()) -> Iterator[dict]:
     """Explain each image's top-k (or chosen) classes; yield one record per image, in order.
 
     The classes: the top-k by logit, or ``class_ids`` and ``class_names`` (names resolved
@@ -81,13 +96,17 @@ def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     asked after each batch: when it says yes, the batches under way are written and no other
     is started (how the CLI turns Ctrl-C into a clean stop). ``progress`` shows Score-CAM's,
     Ablation-CAM's and occlusion's per-image progress bars; ``settings`` holds the settings
-    of the methods that take any (``explain``).
+    of the methods that take any (``explain``). With two or more ``layers`` each CAM is one map
+    fused from theirs (``settings.cam.fuse``: mean, the default, or max; ``refine.fuse``).
     """
-    chosen = resolve_layer(model, layer)
+    settings = check_settings(settings)
+    chosen = resolve_fused(model, layer, layers, settings.cam.fuse)
+    if len(chosen) > 1 and settings.cam.fuse is None:
+        settings = replace(settings, cam=replace(settings.cam, fuse="mean"))
     classes = class_targets(model.categories, methods, topk, class_ids, class_names, targets, score, negative)
-    job = Job(model, [chosen], methods, by_layer=False, tag=f"{model.folder_name}@{chosen}",
+    job = Job(model, chosen, methods, by_layer=False, tag=f"{model.folder_name}@{'+'.join(chosen)}",
               target=classes.chooser, classes=classes, batch_size=batch_size, progress=progress,
-              method_settings=check_settings(settings))
+              method_settings=settings)
     return run(job, images, output_dir, batch_size, skip_existing, stop)
 
 
@@ -164,6 +183,10 @@ class Job(Task):
     extra: dict = field(default_factory=dict)          # further settings (embed's candidates)
     method_settings: MethodSettings = field(default_factory=MethodSettings)
 
+    def __post_init__(self) -> None:
+        """Integrated Gradients' black baseline from the model's normalisation."""
+        self.method_settings = with_normalisation(self.method_settings, self.model.preprocess)
+
     def settings(self, path: Path) -> dict:
         """Model, layers, methods (with their settings) and candidates: what determines an
         image's files."""
@@ -178,14 +201,26 @@ class Job(Task):
             self.classes.check(path)
         return self.model.preprocess.model_pixels(image)
 
+    @property
+    def fused(self) -> str | None:
+        """How classify fuses its layers' CAMs into one map; None: one layer, or a row per layer."""
+        return None if self.by_layer or len(self.layers) < 2 else self.method_settings.cam.fuse
+
     def explain(self, batch: list[Loaded]) -> list[Explanation]:
-        """One explanation per layer for the batch, from shared passes."""
+        """One explanation per layer for the batch, from shared passes (one, fused, when fusing)."""
         x = torch.stack([self.model.preprocess.to_tensor(item.data) for item in batch])
         x = x.to(next(self.model.module.parameters()).device)
-        return explain_layers(self.model.module, x, self.layers, methods=self.methods,
-                              batch_size=self.batch_size, progress=self.progress,
-                              target=self.target([item.path for item in batch]),
-                              settings=self.method_settings)
+        how = self.fused
+        results = explain_layers(self.model.module, x, self.layers,
+                                 methods=[*self.methods, *fuse_needs(self.methods)] if how else self.methods,
+                                 batch_size=self.batch_size, progress=self.progress,
+                                 target=self.target([item.path for item in batch]),
+                                 settings=self.method_settings)
+        if how is None:
+            return results
+        names = [n for n in results[0].maps if method_of(n).name in self.methods]
+        return [replace(results[0], maps=fuse([r.maps for r in results], how, names),
+                        layer=f"{how} of {', '.join(self.layers)}")]
 
     def files(self, record: dict) -> list[str]:
         """The grid and every map file."""
@@ -214,13 +249,16 @@ class Job(Task):
                          for m, p in zip(methods, pictures, strict=True)}
                 maps.update({result.layer: files} if self.by_layer else files)
                 label = f"{name}\n{self._symbol()} = {value:.3f}" + \
-                    (f"\n{result.layer}" if self.by_layer else "")
+                    (f"\n{result.layer}" if self.by_layer or self.fused else "")
                 rows.append((label, [crop, *pictures]))
             classes.append({"rank": k + 1, "class_id": class_id, "name": name,
-                            **self._score_fields(value), "maps": maps})
+                            **self._score_fields(value), **completeness_field(first.completeness, i, k),
+                            "maps": maps})
         if not rows:
             raise InputError(f"{item.path}: no candidate to compare with (only itself, or its own side)")
         where = {"layers": self.layers} if self.by_layer else {"layer": first.layer}
+        if self.fused:
+            where = {"layers": self.layers, "fuse": self.fused}
         atomic_write(folder / "grid.png", png_bytes(grid_image(["input", *methods], rows)))
         return {"arch": self.model.arch, "weights": self.model.weights, **where,
                 "preprocess": self.model.preprocess.to_dict(),

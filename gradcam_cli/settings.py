@@ -13,6 +13,9 @@ from dataclasses import dataclass, field, fields
 
 from .errors import ArgumentTypeError
 from .occlusion import OcclusionSettings
+from .paths import PathSettings, SmoothSettings
+from .refine import CamSettings
+from .rise import RiseSettings
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,10 @@ class MethodSettings:
     """Per family of methods, its settings (each field's default is the family's default)."""
 
     occlusion: OcclusionSettings = field(default_factory=OcclusionSettings)
+    rise: RiseSettings = field(default_factory=RiseSettings)
+    ig: PathSettings = field(default_factory=PathSettings)
+    smooth: SmoothSettings = field(default_factory=SmoothSettings)
+    cam: CamSettings = field(default_factory=CamSettings)
 
     def __post_init__(self) -> None:
         """Refuse a field of the wrong kind, naming it."""

@@ -327,7 +327,8 @@ def test_embed_shares_the_options_and_help_texts_of_the_other_commands() -> None
     embed, build = main.commands["embed"], main.commands["embed"].commands["build-proxies"]
     classify = shared_help(main.commands["classify"])
     own = shared_help(embed)
-    shared = set(classify) & set(own) - {"--topk"}  # embed ranks proxies or references, not classes
+    # embed ranks proxies or references, not classes; its --layers gives rows, classify's fuses maps
+    shared = set(classify) & set(own) - {"--topk", "--layers"}
     assert {"--arch", "--weights", "--cuda", "--layer", "--method", "--batch-size"} <= shared
     assert {o: own[o] for o in shared} == {o: classify[o] for o in shared}
     assert {o: h for o, h in shared_help(build).items() if o in own} == \

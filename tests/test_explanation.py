@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,6 +16,10 @@ from torchvision.models import get_model
 from gradcam_cli import UsageError, explain
 from gradcam_cli.explanation import explain_layers
 from gradcam_cli.methods import METHODS
+from gradcam_cli.paths import PathSettings, SmoothSettings
+from gradcam_cli.refine import CamSettings
+from gradcam_cli.rise import RiseSettings
+from gradcam_cli.settings import MethodSettings
 
 
 def by_max(x: torch.Tensor) -> torch.Tensor:
@@ -124,10 +129,14 @@ def test_model_left_as_it_was_also_after_error() -> None:
                                             model.layer3)
     x = torch.randn(1, 3, 64, 64)
     before, outputs = _state(model), _outputs(model, x)
-    for method in METHODS:
-        explain(model, x, "layer3", topk=1, methods=[method], batch_size=64)
-        assert torch.equal(_outputs(model, x), outputs), method
-        assert _same(before, _state(model)), method
+    quick = MethodSettings(rise=RiseSettings(n_masks=16), ig=PathSettings(ig_steps=4, ig_baseline="blur"))
+    refined = replace(quick, smooth=SmoothSettings(samples=2),
+                      cam=CamSettings(aug_smooth=True, eigen_smooth=True))
+    runs = [([method], quick) for method in METHODS] + [(["vanilla", "gradcam", "scorecam"], refined)]
+    for methods, settings in runs:
+        explain(model, x, "layer3", topk=1, methods=methods, batch_size=64, settings=settings)
+        assert torch.equal(_outputs(model, x), outputs), methods
+        assert _same(before, _state(model)), methods
     with pytest.raises(UsageError):
         explain(model, x, "layer3", class_ids=[5000])  # fails inside the forward pass
     assert _same(before, _state(model))

@@ -166,18 +166,19 @@ def test_registry_keeps_the_method_list_defaults_and_titles() -> None:
     from it and equal the lists the tool has always had (written out here, not derived)."""
     from gradcam_cli import methods as M
     from gradcam_cli.render import TITLES
-    assert M.METHODS[:12] == ("vanilla", "guided", "deconv", "gradcam", "guided-gradcam", "gradcam++",
-                              "xgradcam", "layercam", "hirescam", "eigencam", "scorecam", "ablationcam")
+    assert M.METHODS == ("vanilla", "guided", "deconv", "integrated-gradients", "gradcam", "guided-gradcam",
+                         "gradcam++", "xgradcam", "layercam", "hirescam", "eigengradcam", "eigencam",
+                         "scorecam", "ablationcam", "fullgrad", "occlusion", "rise")
     assert M.DEFAULT_METHODS == ("vanilla", "guided", "deconv", "gradcam", "guided-gradcam")
     assert M.GRADIENT_METHODS == {"vanilla": "plain", "guided": "guided", "deconv": "deconv"}
-    assert M.GRADIENT_CAMS == ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
+    assert M.GRADIENT_CAMS == ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigengradcam")
     assert M.PERTURBATION_CAMS == ("scorecam", "ablationcam")
     assert M.CAM_METHODS == (*M.GRADIENT_CAMS, "eigencam", "scorecam", "ablationcam")
     assert [m.name for m in M.REGISTRY] == list(M.METHODS)
     assert all(M.DESCRIPTIONS[m] for m in M.METHODS)
     assert TITLES["gradcam++"] == "Grad-CAM++" and TITLES["input"] == "input crop"
-    assert [m for m in M.METHODS if M.overlay(m)] == [*M.CAM_METHODS, "occlusion"]
+    assert [m for m in M.METHODS if M.overlay(m)] == [*M.CAM_METHODS, "fullgrad", "occlusion", "rise"]
     assert [m for m in M.METHODS if not M.REGISTRY_BY_NAME[m].layered] == [
-        "vanilla", "guided", "deconv", "occlusion"]
+        "vanilla", "guided", "deconv", "integrated-gradients", "fullgrad", "occlusion", "rise"]
     assert M.title("occlusion-35") == "occlusion 35 px" and M.title("eigencam") == "Eigen-CAM"
     assert M.overlay("occlusion-35") and not M.overlay("guided-gradcam")
