@@ -25,7 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the generated da
 from gradcam_cli.evaluation import averages, evaluate
 from gradcam_cli.models import LoadedModel
 from gradcam_cli.occlusion import OcclusionSettings
+from gradcam_cli.paths import PathSettings, SmoothSettings
 from gradcam_cli.preprocess import Preprocess
+from gradcam_cli.refine import CamSettings
+from gradcam_cli.rise import RiseSettings
 from gradcam_cli.settings import MethodSettings
 from gradcam_cli.truth import Truth
 from tests.scenes import resnet10, scenes, train_resnet10, write_scenes
@@ -39,12 +42,22 @@ ROWS: list[tuple[str, str, MethodSettings]] = [
     ("XGrad-CAM", "xgradcam", MethodSettings()),
     ("Layer-CAM", "layercam", MethodSettings()),
     ("HiResCAM", "hirescam", MethodSettings()),
+    ("EigenGrad-CAM", "eigengradcam", MethodSettings()),
     ("Eigen-CAM", "eigencam", MethodSettings()),
     ("Score-CAM", "scorecam", MethodSettings()),
     ("Ablation-CAM", "ablationcam", MethodSettings()),
+    ("Grad-CAM, --eigen-smooth", "gradcam", MethodSettings(cam=CamSettings(eigen_smooth=True))),
+    ("Grad-CAM, --aug-smooth", "gradcam", MethodSettings(cam=CamSettings(aug_smooth=True))),
+    ("Grad-CAM, --smooth 25", "gradcam", MethodSettings(smooth=SmoothSettings(samples=25))),
+    ("FullGrad", "fullgrad", MethodSettings()),
     ("occlusion, patch 8, stride 4", "occlusion", MethodSettings(occlusion=OcclusionSettings((8,), 4))),
     ("occlusion, patch 16, stride 8", "occlusion", MethodSettings(occlusion=OcclusionSettings((16,), 8))),
+    ("RISE, 4000 masks, cell 8", "rise", MethodSettings(rise=RiseSettings(cell=8))),
     ("vanilla backprop", "vanilla", MethodSettings()),
+    ("vanilla, --smooth 25 (SmoothGrad)", "vanilla", MethodSettings(smooth=SmoothSettings(samples=25))),
+    ("integrated gradients, 32 steps, black", "integrated-gradients", MethodSettings()),
+    ("integrated gradients, 32 steps, blur", "integrated-gradients",
+     MethodSettings(ig=PathSettings(ig_baseline="blur"))),
     ("guided backprop", "guided", MethodSettings()),
     ("guided Grad-CAM", "guided-gradcam", MethodSettings()),
 ]
