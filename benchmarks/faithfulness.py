@@ -104,7 +104,7 @@ def main() -> None:
         paths = write_scenes(Path(tmp) / "scenes", images, where, SIDE)
         for prefix, model in (("", trained), ("random weights: ", random)):
             for i, (label, method, settings) in enumerate(ROWS):
-                if (only and method not in only) or (prefix and not args.random and method != "gradcam"):
+                if (only and method not in only) or (prefix and not args.random and label != "Grad-CAM"):
                     continue
                 row, seconds = measure(model, paths, Path(tmp) / f"{prefix[:6]}{i}", method, settings)
                 timing = f"{seconds:.3f}" if not prefix else ""
