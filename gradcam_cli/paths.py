@@ -231,8 +231,9 @@ def _scores(module: nn.Module, base: torch.Tensor, target: Target, batch_size: i
     inputs = base if outputs is not None else torch.cat([base, x])
     rows = torch.arange(len(x)).repeat(len(inputs) // len(x))
     with torch.inference_mode(), evaluating(module):
-        scores = torch.cat([rows_of(target, rows[chunk]).score(logits_of(module(inputs[chunk]))).float()
-                            for chunk in torch.arange(len(inputs)).split(max(1, batch_size))])
+        scores = torch.cat([rows_of(target, rows[chunk]).score(logits_of(module(
+            inputs[chunk].contiguous(memory_format=torch.channels_last)))).float()
+            for chunk in torch.arange(len(inputs)).split(max(1, batch_size))])
     if outputs is not None:
         return scores, target.score(outputs).float()
     return scores[:len(x)], scores[len(x):]
