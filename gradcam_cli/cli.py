@@ -354,20 +354,25 @@ occlusion_options = option_group(
 )
 
 
+def given_fields(options: dict, method: str, methods: tuple[str, ...],
+                 flags: dict[str, tuple[str, str]]) -> dict:
+    """Take one method's options out of ``options`` (``flags``: flag -> (option name, settings
+    field)) and return the fields given a value; refused without ``--method method``, where
+    they would do nothing."""
+    taken = {flag: (field, options.pop(name)) for flag, (name, field) in flags.items()}
+    given = {flag: pair for flag, pair in taken.items() if pair[1] not in (None, ())}
+    if given and method not in methods:
+        raise UsageError(f"{next(iter(given))} applies to --method {method}, which is not asked for")
+    return dict(given.values())
+
+
 def occlusion_settings(methods: tuple[str, ...], options: dict) -> OcclusionSettings:
-    """Occlusion's options (taken out of ``options``) as the library's settings, checked once;
-    refused without --method occlusion, where they would do nothing."""
+    """Occlusion's options (taken out of ``options``) as the library's settings, checked once."""
     from .occlusion import OcclusionSettings
-    given = {"--patch": options.pop("patches"), "--stride": options.pop("stride"),
-             "--occlusion-fill": options.pop("occlusion_fill"),
-             "--occlusion-border": options.pop("occlusion_border")}
-    flag = next((f for f, v in given.items() if v not in (None, ())), None)
-    if flag and "occlusion" not in methods:
-        raise UsageError(f"{flag} applies to --method occlusion, which is not asked for")
-    defaults = OcclusionSettings()
-    patches, stride, fill, border = given.values()
-    return OcclusionSettings(patches or defaults.patches, stride, fill or defaults.fill,
-                             border or defaults.border)
+    return OcclusionSettings(**given_fields(options, "occlusion", methods, {
+        "--patch": ("patches", "patches"), "--stride": ("stride", "stride"),
+        "--occlusion-fill": ("occlusion_fill", "fill"),
+        "--occlusion-border": ("occlusion_border", "border")}))
 
 
 rise_options = option_group(
@@ -386,17 +391,12 @@ rise_options = option_group(
 
 
 def rise_settings(methods: tuple[str, ...], options: dict) -> RiseSettings:
-    """RISE's options (taken out of ``options``) as the library's settings, checked once;
-    refused without --method rise, where they would do nothing."""
+    """RISE's options (taken out of ``options``) as the library's settings, checked once."""
     from .rise import RiseSettings
-    given = {"--rise-masks": options.pop("rise_masks"), "--rise-cell": options.pop("rise_cell"),
-             "--rise-probability": options.pop("rise_probability"),
-             "--rise-fill": options.pop("rise_fill")}
-    flag = next((f for f, v in given.items() if v is not None), None)
-    if flag and "rise" not in methods:
-        raise UsageError(f"{flag} applies to --method rise, which is not asked for")
-    fields = zip(("n_masks", "cell", "probability", "background"), given.values(), strict=True)
-    return RiseSettings(**{name: value for name, value in fields if value is not None})
+    return RiseSettings(**given_fields(options, "rise", methods, {
+        "--rise-masks": ("rise_masks", "n_masks"), "--rise-cell": ("rise_cell", "cell"),
+        "--rise-probability": ("rise_probability", "probability"),
+        "--rise-fill": ("rise_fill", "background")}))
 
 
 path_options = option_group(
@@ -413,15 +413,11 @@ path_options = option_group(
 
 def path_settings(methods: tuple[str, ...], options: dict) -> PathSettings:
     """Integrated Gradients' options (taken out of ``options``) as the library's settings,
-    checked once; refused without --method integrated-gradients."""
+    checked once."""
     from .paths import PathSettings
-    given = {"--ig-steps": options.pop("ig_steps"), "--ig-baseline": options.pop("ig_baseline"),
-             "--ig-rule": options.pop("ig_rule")}
-    flag = next((f for f, v in given.items() if v is not None), None)
-    if flag and "integrated-gradients" not in methods:
-        raise UsageError(f"{flag} applies to --method integrated-gradients, which is not asked for")
-    fields = zip(("ig_steps", "ig_baseline", "ig_rule"), given.values(), strict=True)
-    return PathSettings(**{name: value for name, value in fields if value is not None})
+    return PathSettings(**given_fields(options, "integrated-gradients", methods, {
+        "--ig-steps": ("ig_steps", "ig_steps"), "--ig-baseline": ("ig_baseline", "ig_baseline"),
+        "--ig-rule": ("ig_rule", "ig_rule")}))
 
 
 smooth_options = option_group(
