@@ -43,3 +43,16 @@ def make_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (64, 48)) 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).convert(mode).save(path)
     return path
+
+
+def copy_batch_sizes(monkeypatch: pytest.MonkeyPatch, owner: object) -> list[int]:
+    """The batch sizes, in order, that the inference copies made through
+    ``owner.inference_copy`` (a module that imported it) are given."""
+    sizes, copy = [], owner.inference_copy
+
+    def counted(module: torch.nn.Module) -> torch.nn.Module:
+        fast = copy(module)
+        fast.register_forward_pre_hook(lambda _m, args: sizes.append(len(args[0])))
+        return fast
+    monkeypatch.setattr(owner, "inference_copy", counted)
+    return sizes

@@ -32,6 +32,27 @@ def run(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+def on_one_image(tmp_path: Path, *args: str) -> tuple[int, str, str]:
+    """``run`` with a fresh 64 px image and an output folder under ``tmp_path`` appended."""
+    image = make_image(tmp_path / "a.png")
+    return run(*args, "--image-path", str(image), "--output-dir", str(tmp_path / "o"))
+
+
+def compare_layers_error(tmp_path: Path, method: str) -> tuple[int, str]:
+    """compare-layers with one method on one image: exit code and stderr."""
+    code, _, err = on_one_image(tmp_path, "compare-layers", "--arch", "resnet18", "--weights", "none",
+                                "--no-cuda", "--method", method)
+    return code, err
+
+
+def evaluate_with_a_box(tmp_path: Path, *args: str) -> tuple[int, str, str]:
+    """evaluate (random resnet18 at 64 px, 2 steps, JSON) on one image with one box."""
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("image,x0,y0,x1,y1\na.png,1,1,20,20\n")
+    return on_one_image(tmp_path, "evaluate", "--arch", "resnet18", "--weights", "none", "--no-cuda",
+                        "--input-size", "64", "--steps", "2", "--json", "--boxes", str(boxes), *args)
+
+
 COMMANDS = {"classify", "compare-layers", "embed", "evaluate", "layers", "architectures", "methods"}
 
 

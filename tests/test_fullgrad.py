@@ -17,8 +17,7 @@ from torch import nn
 from gradcam_cli import explain
 from gradcam_cli.errors import ArgumentError
 
-from .conftest import make_image
-from .test_cli import run
+from .test_cli import compare_layers_error
 from .test_methods_peers import model_and_input, normalised, with_head_scaled
 
 
@@ -97,7 +96,5 @@ def test_a_bias_fullgrad_cannot_map_is_refused() -> None:
 
 
 def test_compare_layers_refuses_fullgrad(tmp_path: Path) -> None:
-    image = make_image(tmp_path / "a.png")
-    code, _, err = run("compare-layers", "--arch", "resnet18", "--weights", "none", "--no-cuda",
-                       "--image-path", str(image), "--method", "fullgrad")
+    code, err = compare_layers_error(tmp_path, "fullgrad")
     assert code == 2 and "--method fullgrad: does not depend on the layer" in err

@@ -20,8 +20,8 @@ from gradcam_cli.occlusion import OcclusionSettings, window_drops
 from gradcam_cli.settings import MethodSettings
 from gradcam_cli.targets import top_classes, top_proxies
 
-from .conftest import make_image
-from .test_cli import run
+from .conftest import copy_batch_sizes, make_image
+from .test_cli import compare_layers_error, evaluate_with_a_box, on_one_image, run
 
 
 def occluding(**fields: object) -> MethodSettings:
@@ -152,14 +152,7 @@ def test_negative_side_and_similarity_scores_are_occluded_too() -> None:
 
 def test_masked_copies_run_in_batches_on_the_fast_copy(monkeypatch: pytest.MonkeyPatch) -> None:
     """3 x 3 windows with batch size 4: the unoccluded input, then 4, 4 and 1 copies."""
-    sizes: list[int] = []
-    copy = P.inference_copy
-
-    def counting(module: nn.Module) -> nn.Module:
-        fast = copy(module)
-        fast.register_forward_pre_hook(lambda _m, args: sizes.append(len(args[0])))
-        return fast
-    monkeypatch.setattr(P, "inference_copy", counting)
+    sizes = copy_batch_sizes(monkeypatch, P)
     explain(small_net(), X[:1, :, :12, :12], "2", topk=1, methods=["occlusion"], batch_size=4,
             settings=occluding(patches=(6,), stride=3))
     assert sizes == [1, 4, 4, 1]
@@ -229,27 +222,19 @@ def test_cli_patches_are_columns_recorded_and_redone_when_changed(tmp_path: Path
     (["--method", "gradcam", "--patch", "8"], "--patch applies to --method occlusion"),
 ])
 def test_cli_bad_occlusion_options_are_one_line(tmp_path: Path, extra: list[str], message: str) -> None:
-    image = make_image(tmp_path / "a.png")
-    code, _, err = run(*CLASSIFY, "--image-path", str(image), "--output-dir", str(tmp_path / "o"), *extra)
+    code, _, err = on_one_image(tmp_path, *CLASSIFY, *extra)
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 
 
 def test_compare_layers_refuses_occlusion(tmp_path: Path) -> None:
-    image = make_image(tmp_path / "a.png")
-    code, _, err = run("compare-layers", "--arch", "resnet18", "--weights", "none", "--no-cuda",
-                       "--image-path", str(image), "--method", "occlusion")
+    code, err = compare_layers_error(tmp_path, "occlusion")
     assert code == 2 and "--method occlusion: does not depend on the layer" in err
 
 
 def test_evaluate_measures_occlusion_maps(tmp_path: Path) -> None:
     """Curves and pointing games of an occlusion map beside Grad-CAM's (~8 s)."""
-    image = make_image(tmp_path / "a.png")
-    boxes = tmp_path / "boxes.csv"
-    boxes.write_text("image,x0,y0,x1,y1\na.png,1,1,20,20\n")
-    code, out, err = run("evaluate", "--arch", "resnet18", "--weights", "none", "--no-cuda",
-                         "--input-size", "64", "--steps", "2", "--method", "gradcam,occlusion",
-                         "--patch", "16", "--json", "--image-path", str(image), "--boxes", str(boxes),
-                         "--output-dir", str(tmp_path / "o"))
+    code, out, err = evaluate_with_a_box(tmp_path, "--method", "gradcam,occlusion",
+                                             "--patch", "16")
     assert code == 0, err
     record = json.loads(out.splitlines()[0])
     metrics = record["classes"][0]["metrics"]

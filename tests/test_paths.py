@@ -22,8 +22,8 @@ from gradcam_cli.paths import PathSettings, SmoothSettings
 from gradcam_cli.settings import MethodSettings
 from gradcam_cli.targets import Scoring, image_classes, top_classes, top_proxies
 
-from .conftest import make_image
-from .test_cli import run
+from .conftest import copy_batch_sizes, make_image
+from .test_cli import compare_layers_error, evaluate_with_a_box, on_one_image, run
 
 
 def small_net(outputs: int = 5, act: type[nn.Module] = nn.ReLU) -> nn.Module:
@@ -122,21 +122,9 @@ def test_similarity_and_negative_scores_take_the_same_paths() -> None:
     assert torch.allclose(minus.completeness, -plus.completeness, atol=1e-6)
 
 
-def batch_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The batch sizes the model's gradient copy is given, in order."""
-    sizes, copy = [], paths.inference_copy
-
-    def counted(module: nn.Module) -> nn.Module:
-        fast = copy(module)
-        fast.register_forward_pre_hook(lambda _m, args: sizes.append(len(args[0])))
-        return fast
-    monkeypatch.setattr(paths, "inference_copy", counted)
-    return sizes
-
-
 def test_path_points_run_in_batches_on_the_gradient_copy(monkeypatch: pytest.MonkeyPatch) -> None:
     """No forward pass takes more than ``batch_size`` path points, and every point is run once."""
-    sizes = batch_sizes(monkeypatch)
+    sizes = copy_batch_sizes(monkeypatch, paths)
     explain(small_net(), X, "3", topk=1, methods=["integrated-gradients"], batch_size=4,
             settings=ig(ig_steps=5, ig_baseline="mean"))
     assert sizes == [4, 4, 2, 2], sizes  # 2 x 5 path points, then both baselines
@@ -241,7 +229,7 @@ def test_smoothing_is_reproducible_and_independent_of_batch_neighbours() -> None
 def test_smoothing_runs_copies_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """No pass takes more than ``batch_size`` noisy copies; every copy is run once, input
     gradients on the gradient copy, gradient CAMs on the model with its layers."""
-    net, sizes, direct = small_net(), batch_sizes(monkeypatch), []
+    net, sizes, direct = small_net(), copy_batch_sizes(monkeypatch, paths), []
     settings = MethodSettings(smooth=SmoothSettings(samples=5))
     explain(net, X, "3", topk=1, methods=["vanilla", "guided"], batch_size=3, settings=settings)
     assert sizes == [3, 2, 3, 2], sizes  # 5 copies of each image
@@ -290,28 +278,20 @@ def test_cli_integrated_gradients_record_and_resume(tmp_path: Path) -> None:
     (["--method", "vanilla", "--smooth", "3", "--noise", "-1"], "--noise -1.0: "),
 ])
 def test_cli_bad_path_options_are_one_line(tmp_path: Path, extra: list[str], message: str) -> None:
-    image = make_image(tmp_path / "a.png")
-    code, _, err = run(*CLASSIFY, "--image-path", str(image), "--output-dir", str(tmp_path / "o"), *extra)
+    code, _, err = on_one_image(tmp_path, *CLASSIFY, *extra)
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 
 
 def test_compare_layers_refuses_integrated_gradients(tmp_path: Path) -> None:
-    image = make_image(tmp_path / "a.png")
-    code, _, err = run("compare-layers", "--arch", "resnet18", "--weights", "none", "--no-cuda",
-                       "--image-path", str(image), "--method", "integrated-gradients")
+    code, err = compare_layers_error(tmp_path, "integrated-gradients")
     assert code == 2 and "--method integrated-gradients: does not depend on the layer" in err
 
 
 def test_evaluate_measures_integrated_gradients_and_smoothed_maps(tmp_path: Path) -> None:
     """Curves and pointing games of Integrated Gradients and smoothed vanilla maps, the
     completeness error in the class record (~8 s)."""
-    image = make_image(tmp_path / "a.png")
-    boxes = tmp_path / "boxes.csv"
-    boxes.write_text("image,x0,y0,x1,y1\na.png,1,1,20,20\n")
-    code, out, err = run("evaluate", "--arch", "resnet18", "--weights", "none", "--no-cuda",
-                         "--input-size", "64", "--steps", "2", "--method", "vanilla,integrated-gradients",
-                         "--ig-steps", "3", "--smooth", "2", "--json", "--image-path", str(image),
-                         "--boxes", str(boxes), "--output-dir", str(tmp_path / "o"))
+    code, out, err = evaluate_with_a_box(tmp_path, "--method", "vanilla,integrated-gradients",
+                                             "--ig-steps", "3", "--smooth", "2")
     assert code == 0, err
     record = json.loads(out.splitlines()[0])
     cls = record["classes"][0]

@@ -32,7 +32,7 @@ from gradcam_cli.refine import CamSettings, fuse
 from gradcam_cli.settings import MethodSettings
 
 from .conftest import make_image
-from .test_cli import run
+from .test_cli import on_one_image, run
 from .test_methods_peers import REFERENCE, model_and_input, normalised, with_head_scaled
 
 TOLERANCE = 1e-5
@@ -202,8 +202,7 @@ def test_cli_fuses_layers_and_records_them(tmp_path: Path) -> None:
     (["--method", "gradcam", "--layer", "layer3", "--layers", "layer3,layer4"], "--layers "),
 ])
 def test_cli_bad_refinement_options_are_one_line(tmp_path: Path, extra: list[str], message: str) -> None:
-    image = make_image(tmp_path / "a.png")
-    code, _, err = run(*CLASSIFY, "--image-path", str(image), "--output-dir", str(tmp_path / "o"), *extra)
+    code, _, err = on_one_image(tmp_path, *CLASSIFY, *extra)
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 
 

@@ -20,8 +20,8 @@ from gradcam_cli.rise import RiseSettings, draw, masks_of
 from gradcam_cli.settings import MethodSettings
 from gradcam_cli.targets import Scoring, top_classes, top_proxies
 
-from .conftest import make_image
-from .test_cli import run
+from .conftest import copy_batch_sizes, make_image
+from .test_cli import compare_layers_error, evaluate_with_a_box, on_one_image, run
 
 
 def rising(**fields: object) -> MethodSettings:
@@ -149,14 +149,7 @@ def test_each_image_of_a_batch_has_its_own_map_and_one_set_of_passes_serves_ever
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Two images, three classes: 10 masks in batches of 4 are 4, 4, 2 copies per image; each
     image's map equals its map explained alone (same masks whatever the neighbours)."""
-    sizes: list[int] = []
-    copy = P.inference_copy
-
-    def counting(module: nn.Module) -> nn.Module:
-        fast = copy(module)
-        fast.register_forward_pre_hook(lambda _m, args: sizes.append(len(args[0])))
-        return fast
-    monkeypatch.setattr(P, "inference_copy", counting)
+    sizes = copy_batch_sizes(monkeypatch, P)
     settings = rising(n_masks=10, cell=5)
     both = explain(small_net(), X, "2", topk=3, methods=["rise"], batch_size=4, settings=settings)
     assert sorted(sizes) == sorted([4, 4, 2] * 2)
@@ -255,28 +248,20 @@ def test_cli_rise_is_recorded_and_redone_when_the_masks_change(tmp_path: Path) -
     (["--method", "gradcam", "--rise-fill", "blur"], "--rise-fill applies to --method rise"),
 ])
 def test_cli_bad_rise_options_are_one_line(tmp_path: Path, extra: list[str], message: str) -> None:
-    image = make_image(tmp_path / "a.png")
-    code, _, err = run(*CLASSIFY, "--image-path", str(image), "--output-dir", str(tmp_path / "o"), *extra)
+    code, _, err = on_one_image(tmp_path, *CLASSIFY, *extra)
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 
 
 def test_methods_lists_rise_and_compare_layers_refuses_it(tmp_path: Path) -> None:
     assert any(line.split()[0] == "rise" for line in run("methods")[1].splitlines())
-    image = make_image(tmp_path / "a.png")
-    code, _, err = run("compare-layers", "--arch", "resnet18", "--weights", "none", "--no-cuda",
-                       "--image-path", str(image), "--method", "rise")
+    code, err = compare_layers_error(tmp_path, "rise")
     assert code == 2 and "--method rise: does not depend on the layer" in err
 
 
 def test_evaluate_measures_rise_maps(tmp_path: Path) -> None:
     """Curves and pointing games of a RISE map beside Grad-CAM's (~8 s)."""
-    image = make_image(tmp_path / "a.png")
-    boxes = tmp_path / "boxes.csv"
-    boxes.write_text("image,x0,y0,x1,y1\na.png,1,1,20,20\n")
-    code, out, err = run("evaluate", "--arch", "resnet18", "--weights", "none", "--no-cuda",
-                         "--input-size", "64", "--steps", "2", "--method", "gradcam,rise",
-                         "--rise-masks", "16", "--rise-cell", "16", "--json", "--image-path", str(image),
-                         "--boxes", str(boxes), "--output-dir", str(tmp_path / "o"))
+    code, out, err = evaluate_with_a_box(tmp_path, "--method", "gradcam,rise",
+                                             "--rise-masks", "16", "--rise-cell", "16")
     assert code == 0, err
     record = json.loads(out.splitlines()[0])
     metrics = record["classes"][0]["metrics"]
