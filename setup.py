@@ -23,6 +23,7 @@ setup(
         "tqdm>=4.60",
         "pillow>=9.1",
         "numpy>=1.22",
+        "opencv-python-headless>=4.5",  # --video: frames read and written with OpenCV
     ],
     extras_require={
         "safetensors": ["safetensors>=0.3"],

@@ -22,6 +22,7 @@ _EXPORTS = {
     "DEFAULT_METHODS": "methods", "METHODS": "methods",
     "ARCHITECTURES": "models", "LoadedModel": "models", "load_model": "models",
     "classify": "pipeline", "compare_layers": "pipeline", "evaluate": "evaluation",
+    "explain_images": "outputs.notebook",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -14,7 +14,8 @@ import re
 import time
 from pathlib import Path
 
-TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp(prefix=".<name>.", suffix=".tmp")
+# mkstemp(prefix=".<name>.", suffix=".tmp" or ".tmp.mp4")
+TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp(\.mp4)?")
 STALE_AFTER = 600.0  # seconds: far longer than any write, and than clock skew on shared disks
 
 

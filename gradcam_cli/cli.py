@@ -6,8 +6,9 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Collection, Generator, Iterator
 from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,8 +34,9 @@ from .choices import (
 from .classes import SCORES
 from .cleanup import remove_temporaries
 from .errors import ArgumentError, GradcamError, UsageError, quoted
-from .inputs import BadInput, expand, parse_shard, read_image_list
+from .inputs import BadInput, expand, parse_shard, parse_suffixes, read_image_list
 from .inputs import shard as select
+from .outputs import OVERLAYS, SAVE_MAPS
 
 if TYPE_CHECKING:  # the library is imported inside each command, so `--help` stays quick
     import torch
@@ -160,6 +162,9 @@ FLAGS = {  # library argument -> the option that sets it
     "background": "--rise-fill",
     "ig_steps": "--ig-steps", "ig_baseline": "--ig-baseline", "ig_rule": "--ig-rule",
     "samples": "--smooth", "noise": "--noise", "smooth_type": "--smooth-type",
+    "save_maps": "--save-maps", "overlay": "--overlay", "colormap": "--colormap", "alpha": "--alpha",
+    "region": "--region", "region_mask": "--region-mask",
+    "videos": "--video", "every": "--every", "video_ext": "--video-ext", "method": "--video-method",
 }
 
 
@@ -486,6 +491,29 @@ def method_settings(methods: tuple[str, ...], options: dict) -> MethodSettings:
 method_options = option_group(occlusion_options, rise_options, path_options, smooth_options, cam_options)
 
 
+def check_colours(_ctx: click.Context, param: click.Parameter, value: str | float) -> str | float:
+    """--colormap and --alpha checked by the library's own checks while the options are parsed,
+    so a bad one is refused before a model loads."""
+    from .render import check_alpha, check_colormap
+    (check_colormap if param.name == "colormap" else check_alpha)(value)
+    return value
+
+
+output_options = option_group(
+    click.option("--save-maps", type=click.Choice(SAVE_MAPS), default="none", show_default=True,
+                 help="Also write the float32 maps before display normalisation: a .npy per class "
+                      "and method beside its PNG, or one maps.npz per image."),
+    click.option("--overlay", type=click.Choice(OVERLAYS), default="crop", show_default=True,
+                 help="Draw each CAM's PNG over the crop the model saw, or over the original photo "
+                      "at its own size (what the crop cut off hatched); the grid stays the crop's."),
+    click.option("--colormap", default="jet", show_default=True, metavar="NAME", callback=check_colours,
+                 help="The CAM overlays' colours: any matplotlib colour map (viridis, inferno, turbo, …)."),
+    click.option("--alpha", type=float, default=0.5, show_default=True, callback=check_colours,
+                 help="The heat map's weight in CAM overlays, from 0 (the photo only) to 1 (the "
+                      "heat map only)."),
+)
+
+
 def class_options(topk: int) -> Callable[[Callable], Callable]:
     """--topk (with the command's default), --class-id, --class-name, --targets, --score and
     --negative: which classes each image explains, how they are scored, and which side."""
@@ -519,6 +547,66 @@ def top_k(model: LoadedModel, default: int, topk: int | None, targets: str | Non
     return topk if topk is not None else min(default, len(model.categories))
 
 
+video_options = option_group(
+    click.option("--video", "videos", multiple=True, metavar="PATH",
+                 help="A video to explain frame by frame: an MP4 with the map and top class drawn "
+                      "on every frame, and each explained frame's record; repeatable."),
+    click.option("--every", type=click.IntRange(min=1), metavar="N",
+                 help="Videos: explain frames 0, N, 2N, … (default 1); the frames between show the "
+                      "last explained map."),
+    click.option("--video-ext", metavar="EXT[,EXT…]",
+                 help="Files with these suffixes that --image-path finds (folders, globs) are "
+                      "explained as videos, e.g. mp4,avi."),
+    click.option("--video-method", metavar="M",
+                 help="Videos: the map drawn (default: the first heat-map method of --method, else "
+                      "gradcam); only it is computed for frames."),
+)
+
+
+@dataclass(frozen=True)
+class VideoInputs:
+    """classify's videos: the ones named, the suffixes that make a found file one, and how
+    they are explained."""
+
+    videos: tuple[str, ...]
+    suffixes: frozenset[str]
+    every: int | None
+    method: str | None
+
+    def pipeline(self, images: Callable[..., Iterator[dict]], common: dict,
+                 methods: tuple[str, ...]) -> Callable[..., Iterator[dict]]:
+        """``images``' pipeline, or one that explains the videos among the inputs after it, with
+        the same ``common`` arguments (layer, classes, method settings)."""
+        if not (self.videos or self.suffixes):
+            return images
+        from .outputs.video import classify_video, default_method, with_videos
+        given = {Path(v) for v in self.videos}
+        clips = partial(classify_video, **common, method=self.method or default_method(methods),
+                        every=self.every or 1)
+        return with_videos(images, clips, lambda item: isinstance(item, Path) and (
+            item in given or item.suffix.lower() in self.suffixes))
+
+
+def video_inputs(options: dict) -> VideoInputs:
+    """Take the video options out of ``options``, check them, and add the named videos to the
+    inputs (so shards and the progress bar count them)."""
+    videos, every, method = options.pop("videos"), options.pop("every"), options.pop("video_method")
+    suffixes = parse_suffixes(options.pop("video_ext"))
+    folder = next((v for v in videos if Path(v).is_dir()), None)
+    if folder is not None:
+        raise ArgumentError("videos", folder, "a folder; give its videos with --image-path FOLDER "
+                            "--video-ext mp4")
+    unused = next(((a, v) for a, v in (("every", every), ("method", method)) if v is not None), None)
+    if unused and not (videos or suffixes):
+        raise ArgumentError(*unused, "applies to videos (--video, or --video-ext for files in "
+                            "folders), and none is given")
+    if method is not None:
+        from .outputs.video import check_method
+        check_method(method)
+    options["images"] = (*options["images"], *videos)
+    return VideoInputs(videos, suffixes, every, method)
+
+
 @main.command(epilog=EXIT_CODES)
 @model_options
 @image_options
@@ -532,6 +620,8 @@ def top_k(model: LoadedModel, default: int, topk: int | None, targets: str | Non
               help="With --layers: the normalised maps' mean (default, as pytorch-grad-cam) or maximum.")
 @method_option
 @method_options
+@output_options
+@video_options
 def classify(arch: str, weights: str, num_classes: int | None, labels: str | None,
              unsafe_load: bool, cuda: bool | None, layer: str | None, layers: str | None,
              methods: tuple[str, ...], topk: int | None, class_ids: tuple[int, ...],
@@ -545,6 +635,7 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
     methods = methods or DEFAULT_METHODS
     settings = method_settings(methods, options)
     names = [n.strip() for n in (layers or "").split(",") if n.strip()]
+    videos = video_inputs(options)
 
     def start(model: LoadedModel, _items: list) -> Callable[..., Iterator[dict]]:
         chosen = resolve_fused(model, layer, names, settings.cam.fuse)
@@ -552,11 +643,12 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
             click.echo(f"gradcam: target layer {chosen[0]} (default for {model.arch}; "
                        "change with --layer)", err=True)
         where = {"layers": chosen} if names else {"layer": chosen[0]}
-        return partial(classify_images, **where, methods=methods, settings=settings,
-                       topk=top_k(model, 3, topk, options["targets"]), class_ids=class_ids)
+        common = {**where, "settings": settings, "topk": top_k(model, 3, topk, options["targets"]),
+                  "class_ids": class_ids}
+        return videos.pipeline(partial(classify_images, **common, methods=methods), common, methods)
     load = preprocessed(partial(load_model, arch, weights, num_classes, labels, unsafe_load,
                                 pick_device(cuda)), arch, weights)
-    run_images(load, start, **options)
+    run_images(load, start, video_ext=videos.suffixes, **options)
 
 
 @main.command("compare-layers", epilog=EXIT_CODES)
@@ -570,6 +662,7 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
 @click.option("--method", "methods", multiple=True, callback=split_methods,
               help="CAM methods to compute, comma-separated or repeated (default: gradcam).")
 @method_options
+@output_options
 def compare_layers(arch: str, weights: str, num_classes: int | None, labels: str | None,
                    unsafe_load: bool, cuda: bool | None, layers: str | None,
                    methods: tuple[str, ...], topk: int | None, class_ids: tuple[int, ...],
@@ -684,6 +777,7 @@ def _print_evaluated(record: dict) -> None:
 @click.option("--layers", metavar="A,B,…", help="Several layers, comma-separated: rows per layer.")
 @method_option
 @method_options
+@output_options
 @click.pass_context
 def embed(ctx: click.Context, arch: str, weights: str, embedding_dim: int | None,
           unsafe_load: bool, cuda: bool | None, references: tuple[str, ...],
@@ -807,18 +901,19 @@ def run_images(load: Callable[[], LoadedModel],
                shard: str | None, as_json: bool, progress: bool | None,
                report: Callable[[dict], None] | None = None,
                finish: Callable[[LoadedModel, list[dict], bool], None] | None = None,
-               **pipeline_options: object) -> None:
+               video_ext: Collection[str] = (), **pipeline_options: object) -> None:
     """Load the model, run a command's pipeline over the images, report, and exit with its code.
 
     ``start`` checks the command's own options against the model and the inputs and returns
     the pipeline; ``report`` prints a finished image (default: its classes), ``finish`` gets
     every record at the end (evaluate's averaged table). Temporary files that killed runs left
-    in ``output_dir`` are removed before the pipeline starts.
+    in ``output_dir`` are removed before the pipeline starts. Folders and globs also yield the
+    files whose suffix is in ``video_ext`` (classify's videos).
     """
     paths = [*images, *(read_image_list(image_list) if image_list else [])]
     if not paths:
         raise UsageError("no images: give --image-path PATH or --image-list FILE")
-    items = select(expand(paths), parse_shard(shard))
+    items = select(expand(paths, video_ext), parse_shard(shard))
     with redirect_stdout(sys.stderr):  # torch announces weight downloads on stdout: records only there
         model = load()
     pipeline = start(model, items)
@@ -933,7 +1028,7 @@ def _print_table(record: dict) -> None:
     if "predicted" in record:
         top = record["predicted"]
         click.echo(f"  predicted {top['score']:8.4f}  {top['class_id']:>5}  {top['name']}")
-    click.echo(f"  -> {record['grid']}")
+    click.echo(f"  -> {record.get('grid') or record['video']}")  # a video's record has no grid
 
 
 @main.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,6 +23,10 @@ from .occlusion import OcclusionSettings, occlusion_maps
 from .rise import RiseSettings, draw, rise_maps
 from .settings import MethodSettings, check_settings
 from .targets import Chooser, Target, top_classes
+
+if TYPE_CHECKING:
+    import numpy
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -41,6 +46,35 @@ class Explanation:
     errors: list[str | None] = field(default_factory=list)  # per image: why it has no maps
     predicted: list[tuple[int, float]] | None = None  # per image: top-1 class and its score
     completeness: torch.Tensor | None = None  # NxK, Integrated Gradients: Σ attributions - (S(x) - S(x'))
+    inputs: torch.Tensor | None = None  # the explained batch, for pictures when no crops are known
+    pictures: list | None = None  # per image: the crop the model saw (HxWx3 or HxW uint8), if known
+    names: list[str] | None = None  # candidate names, if known
+    symbol: str = "p"  # how a score is labelled: p, 1-p, logit, -logit; s (similarity)
+
+    def grid(self, image: int) -> numpy.ndarray:
+        """One image's labelled grid, as ``classify`` writes it (``outputs.notebook``)."""
+        from .outputs import notebook
+        return notebook.grid(self, image)
+
+    def labels(self, image: int) -> list[str]:
+        """One image's row labels: each class's name (or id) and score."""
+        from .outputs import notebook
+        return notebook.labels(self, image)
+
+    def plot(self, image: int | None = None) -> Figure:
+        """A matplotlib Figure of one image's grid (every image's, stacked, by default)."""
+        from .outputs import notebook
+        return notebook.figure(self, image)
+
+    def show(self, image: int | None = None) -> None:
+        """Display the grid: inline in IPython/Jupyter, else in the system's image viewer."""
+        from .outputs import notebook
+        notebook.show(self, image)
+
+    def _repr_png_(self) -> bytes:
+        """Jupyter's picture of the explanation: every image's grid."""
+        from .outputs import notebook
+        return notebook.png(self)
 
 
 class ZeroGradientError(ArgumentError):
@@ -140,7 +174,8 @@ def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str
         names = [n for m in methods for n in (settings.occlusion.names() if m == "occlusion" else [m])]
         results.append(Explanation(chosen.table, chosen.chosen, {n: maps[n] for n in names},
                                    name, gates, errors, chosen.predicted,
-                                   completeness=None if integrated is None else integrated[1]))
+                                   completeness=None if integrated is None else integrated[1],
+                                   inputs=inputs.detach(), symbol=chosen.symbol))
     return _aug_smooth(results, module, inputs, layers, methods, batch_size, chosen, settings)
 
 

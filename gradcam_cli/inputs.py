@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +22,21 @@ class BadInput:
     reason: str
 
 
-def is_image_name(path: Path) -> bool:
-    """Tell by its suffix whether a file found in a folder is an image to explain."""
-    return path.suffix.lower() in IMAGE_SUFFIXES
+def is_image_name(path: Path, also: Collection[str] = ()) -> bool:
+    """Tell by its suffix whether a file found in a folder is an image to explain (or has one of
+    the suffixes ``also``, e.g. videos')."""
+    return path.suffix.lower() in IMAGE_SUFFIXES or path.suffix.lower() in also
+
+
+def parse_suffixes(text: str | None, argument: str = "video_ext") -> frozenset[str]:
+    """File suffixes from ``mp4,avi`` (dots and case aside) as {".mp4", ".avi"}; an image's
+    suffix is refused, since a file is explained as one or the other."""
+    names = [n.strip().lstrip(".").lower() for n in (text or "").split(",") if n.strip()]
+    images = [n for n in names if f".{n}" in IMAGE_SUFFIXES]
+    if images or not all(n.isalnum() for n in names):
+        raise ArgumentError(argument, text, "video file suffixes, comma-separated (mp4,avi,mov), not "
+                            "an image's")
+    return frozenset(f".{n}" for n in names)
 
 
 def read_image_list(source: str) -> list[str]:
@@ -37,15 +49,17 @@ def read_image_list(source: str) -> list[str]:
     return [line.strip() for line in os.fsdecode(data).splitlines() if line.strip()]
 
 
-def expand(paths: Iterable[str]) -> list[Path | BadInput]:
-    """Expand each given path: a file stays, a folder gives its images recursively in sorted
-    order, a glob its sorted matches; a path yielding nothing becomes a BadInput."""
+def expand(paths: Iterable[str], also: Collection[str] = ()) -> list[Path | BadInput]:
+    """Expand each given path: a file stays, a folder gives its images (and files with the
+    suffixes ``also``) recursively in sorted order, a glob its sorted matches; a path yielding
+    nothing becomes a BadInput."""
     found: list[Path | BadInput] = []
     for given in paths:
         path = Path(given)
         if path.is_dir():
-            images = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
-            found.extend(images or [BadInput(given, f"{quoted(given)}: no images in this folder")])
+            images = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p, also))
+            what = "images or videos" if also else "images"
+            found.extend(images or [BadInput(given, f"{quoted(given)}: no {what} in this folder")])
         elif path.exists() or not glob.has_magic(given):
             found.append(path)  # a missing or non-image file fails when it is decoded
         else:

@@ -162,6 +162,13 @@ class Preprocess:
         width, height = self.resized_size(size)
         return width / size[0], height / size[1]
 
+    def crop_origin(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(left, top) of the crop in the resized image of an image of ``size`` (width, height),
+        where torchvision's ``center_crop`` takes it (half the excess, rounded to even)."""
+        width, height = self.resized_size(size)
+        h, w = self.input_size
+        return round((width - w) / 2.0), round((height - h) / 2.0)
+
     def to_tensor(self, pixels: Image.Image) -> torch.Tensor:
         """Normalise ``model_pixels`` into the CxHxW float tensor the model takes."""
         return TF.normalize(TF.pil_to_tensor(pixels).float().div_(255), self.mean, self.std)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
+from functools import lru_cache
 
 import matplotlib
 import numpy as np
@@ -11,11 +12,12 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .errors import ArgumentError
 from .methods import REGISTRY, overlay
 from .methods import title as map_title
 
 TITLES = {"input": "input crop", **{m.name: m.title for m in REGISTRY}}
-CAM_ALPHA = 0.5
+COLORMAP, CAM_ALPHA = "jet", 0.5  # the heat map's colours and weight by default
 DPI = 100
 LABEL_WIDTH, TITLE_HEIGHT, GAP = 120, 22, 4  # pixels
 
@@ -38,19 +40,63 @@ def as_rgb(picture: np.ndarray) -> np.ndarray:
     return np.repeat(picture[..., None], 3, axis=2) if picture.ndim == 2 else picture
 
 
-def cam_overlay(cam: torch.Tensor, crop: np.ndarray) -> np.ndarray:
-    """Colour a 1xHxW CAM with the jet map and blend it over the crop the model saw (RGB, or
-    a one-channel model's gray pixels)."""
-    heat = matplotlib.colormaps["jet"](normalise(cam)[0].numpy())[..., :3]
-    blended = CAM_ALPHA * heat + (1 - CAM_ALPHA) * as_rgb(crop).astype(np.float64) / 255
-    return (blended * 255).round().astype(np.uint8)
+def check_colormap(colormap: str) -> None:
+    """Refuse a name that is not a matplotlib colour map, naming a few that are."""
+    if colormap not in matplotlib.colormaps:
+        raise ArgumentError("colormap", colormap, "not a matplotlib colour map; e.g. jet, viridis, "
+                            "inferno, turbo, gray (matplotlib.colormaps lists them all)")
 
 
-def map_image(method: str, values: torch.Tensor, crop: np.ndarray) -> np.ndarray:
+def check_alpha(alpha: float) -> None:
+    """Refuse a heat-map weight outside 0..1 (or not a number)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ArgumentError("alpha", alpha, "the heat map's weight: a number from 0 to 1")
+
+
+def check_colours(colormap: str, alpha: float) -> None:
+    """Refuse a bad colour map or alpha (before any work that would draw with them)."""
+    check_colormap(colormap)
+    check_alpha(alpha)
+
+
+@lru_cache(maxsize=8)
+def blend_table(colormap: str = COLORMAP, alpha: float = CAM_ALPHA) -> np.ndarray:
+    """Every blended colour as a uint8 table [colour index, photo value, channel]: a CAM pixel
+    of colour index i over a photo value p becomes round(255 (alpha heat_i + (1 - alpha) p/255)),
+    the same float arithmetic for every overlay, with no float image ever built."""
+    check_colours(colormap, alpha)
+    colours = matplotlib.colormaps[colormap]
+    heat = colours(np.arange(colours.N))[:, None, :3]
+    photo = np.arange(256, dtype=np.float64)[None, :, None]
+    return ((alpha * heat + (1 - alpha) * photo / 255) * 255).round().astype(np.uint8)
+
+
+def colour_index(values: np.ndarray, n: int) -> np.ndarray:
+    """matplotlib's colour index of [0, 1] values in an n-colour map: floor(v n), 1 -> n - 1."""
+    return np.minimum((values * np.float32(n)).astype(np.intp), n - 1)
+
+
+def blend(values: np.ndarray, photo: np.ndarray, colormap: str = COLORMAP,
+          alpha: float = CAM_ALPHA) -> np.ndarray:
+    """Colour HxW [0, 1] float32 values and blend them over an HxWx3 uint8 photo."""
+    table = blend_table(colormap, alpha)
+    index = colour_index(values, table.shape[0])[..., None]
+    return table[index, photo, np.arange(3)]
+
+
+def cam_overlay(cam: torch.Tensor, crop: np.ndarray, colormap: str = COLORMAP,
+                alpha: float = CAM_ALPHA) -> np.ndarray:
+    """Colour a min-max normalised 1xHxW CAM with ``colormap`` and blend it with weight
+    ``alpha`` over the crop the model saw (RGB, or a one-channel model's gray pixels)."""
+    return blend(normalise(cam)[0].numpy(), as_rgb(crop), colormap, alpha)
+
+
+def map_image(method: str, values: torch.Tensor, crop: np.ndarray, colormap: str = COLORMAP,
+              alpha: float = CAM_ALPHA) -> np.ndarray:
     """The picture of one map: CAMs as overlays, gradient maps min-max normalised, in RGB, or
     in gray for a one-channel model (whose gradients have one channel, like a CAM)."""
     if overlay(method):
-        return cam_overlay(values, crop)
+        return cam_overlay(values, crop, colormap, alpha)
     return to_uint8(normalise(values))
 
 

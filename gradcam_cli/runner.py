@@ -9,6 +9,9 @@ files are written, and the settings that determine those files. The settings go 
 ``summary.json``; ``skip_existing`` reuses an earlier record only when its settings (model,
 weights, preprocessing, layers, methods, targets, the image's own bytes, …) are all equal
 and every file it lists is on disk.
+
+The output folder's ``index.html`` (``outputs.report``) is updated as records come out, on a
+time budget, and once more at the end from every record in the folder.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .inputs import BadInput
 from .io import atomic_write, image_id, json_bytes, json_text, load_image, prepare_output_dir
 from .memory import collect_garbage
 from .models import file_sha256
+from .outputs.report import reported
 
 Item = str | Path | BadInput
 
@@ -78,9 +82,16 @@ def run(task: Task, images: Sequence[Item], output_dir: str | Path, batch_size: 
     stops the others. ``stop`` is asked after each batch: when it says yes, the batches
     under way are written and reported and no other starts. If the run is aborted (a second
     Ctrl-C, an output that cannot be written), every image whose files are complete is
-    still reported, in order, before the exception goes on.
+    still reported, in order, before the exception goes on. Every reported image is on the
+    folder's ``index.html`` (``outputs.report``).
     """
     out = prepare_output_dir(Path(output_dir))
+    yield from reported(_run(task, images, out, batch_size, skip_existing, stop), out, task.tag)
+
+
+def _run(task: Task, images: Sequence[Item], out: Path, batch_size: int, skip_existing: bool,
+         stop: Callable[[], bool]) -> Iterator[dict]:
+    """``run`` without the page: the batches, their writer thread and the records in order."""
     todo = [(_existing(task, out, item) if skip_existing else None) or item for item in images]
     written = _Written()
     with ThreadPoolExecutor(max_workers=1) as writer:

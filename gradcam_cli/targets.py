@@ -46,6 +46,7 @@ class Target:
     kind: str = "logit"
     negative: bool = False                # explain -z, the other side of each class
     predicted: list[tuple[int, float]] | None = None
+    symbol: str = "s"                     # how a value of ``table`` is labelled: p, 1-p, logit, -logit, s
 
     def score(self, outputs: torch.Tensor, image: int | None = None) -> torch.Tensor:
         """NxK scores of a batch's outputs, or MxK for M perturbed copies of one ``image``; a
@@ -84,6 +85,13 @@ class Scoring:
         side = -z if self.negative else z
         return torch.sigmoid(side) if self.kind == "sigmoid" else side
 
+    @property
+    def symbol(self) -> str:
+        """How a score is labelled in a grid: p, 1-p, logit or -logit."""
+        if self.kind == "logit":
+            return "-logit" if self.negative else "logit"
+        return "1-p" if self.negative else "p"
+
 
 def _class_target(logits: torch.Tensor, chosen: torch.Tensor, scoring: Scoring | None) -> Target:
     """The Target of chosen classes: the scores as ``scoring`` reports them, and the top-1."""
@@ -91,7 +99,7 @@ def _class_target(logits: torch.Tensor, chosen: torch.Tensor, scoring: Scoring |
     top = logits.argmax(dim=1)
     positive = Scoring(scoring.kind).values(logits).gather(1, top[:, None])[:, 0]
     return Target(scoring.values(logits), chosen, negative=scoring.negative,
-                  predicted=list(zip(top.tolist(), positive.tolist(), strict=True)))
+                  predicted=list(zip(top.tolist(), positive.tolist(), strict=True)), symbol=scoring.symbol)
 
 
 def top_classes(topk: int = 3, class_ids: Sequence[int] = (), scoring: Scoring | None = None) -> Chooser:

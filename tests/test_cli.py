@@ -98,10 +98,10 @@ def test_outputs_are_byte_identical_across_runs(photo: Path, tmp_path: Path) -> 
         runs.append({p.relative_to(tmp_path / name): p.read_bytes()
                      for p in sorted((tmp_path / name).rglob("*")) if p.is_file()})
     summaries = [p for p in runs[0] if p.suffix == ".json"]
-    assert len(runs[0]) == 7 and len(summaries) == 1
+    assert len(runs[0]) == 8 and len(summaries) == 1  # the image's 7 files and the folder's index.html
     assert runs[0].keys() == runs[1].keys()
     for path in runs[0]:
-        if path.suffix == ".png":
+        if path.suffix in (".png", ".html"):
             assert runs[0][path] == runs[1][path], path
     # summaries name their own folder, so compare them with the folder name swapped
     assert runs[0][summaries[0]].replace(b"/a/", b"/b/") == runs[1][summaries[0]]

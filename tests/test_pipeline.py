@@ -294,9 +294,10 @@ def test_cli_start_removes_only_stale_temporaries_of_this_tool(tmp_path: Path) -
     out = tmp_path / "o"
     stale = plant_temporary(out / "a-0123abcd" / "resnet18@layer4", ".summary.json.abcd1234.tmp", 3600)
     fresh = plant_temporary(out / "b-0123abcd", ".grid.png.wxyz_987.tmp", 0)  # a concurrent shard's
+    video = plant_temporary(out / "c-0123abcd", ".gradcam.mp4.k2_9zq0x.tmp.mp4", 3600)  # a video's writer
     foreign = plant_temporary(out, ".notes.tmp", 3600)  # not a name the atomic writer makes
     code, _, err = run(*BASE, "--image-path", str(make_image(tmp_path / "a.png")),
                        "--output-dir", str(out))
     assert code == 0, err
-    assert not stale.exists() and fresh.exists() and foreign.exists()
-    assert "removed 1 temporary file left by an interrupted run" in err
+    assert not stale.exists() and not video.exists() and fresh.exists() and foreign.exists()
+    assert "removed 2 temporary files left by an interrupted run" in err
