@@ -9,8 +9,8 @@ each the minimum over ``--repeats`` rounds after a warm-up:
 
 - captum ``Occlusion`` with its defaults (``perturbations_per_eval=1``) and with
   ``perturbations_per_eval`` = gradcam's batch size;
-- gradcam (``explain(..., methods=["occlusion"])``: the inference copy, the layers a window
-  changes only locally reused), and the same with reuse off (full passes on the inference copy);
+- gradcam (``explain(..., methods=["occlusion"])``: the model's own fx graph, weights shared, the
+  layers a window changes only locally reused), and the same with reuse off (full passes);
 - the floor: as many full forward passes of the inference copy as there are windows (plus the
   unoccluded one), at the best of batch sizes 8, 16 and 32.
 

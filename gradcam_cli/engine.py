@@ -120,9 +120,10 @@ class ForwardPass:
 
 
 @contextmanager
-def forward_pass(module: nn.Module, inputs: torch.Tensor,
-                 layers: dict[str, nn.Module]) -> Iterator[ForwardPass]:
-    """Run the model once in eval mode, keeping the named layers' outputs.
+def forward_pass(module: nn.Module, inputs: torch.Tensor, layers: dict[str, nn.Module],
+                 graph: bool = True) -> Iterator[ForwardPass]:
+    """Run the model once in eval mode, keeping the named layers' outputs (and, with ``graph``,
+    the autograd graph that backward passes need).
 
     The layer hooks are removed and training flags restored on exit, also after an exception;
     gradients are taken with ``torch.autograd.grad``, so parameters' ``.grad`` stay untouched.
@@ -139,8 +140,8 @@ def forward_pass(module: nn.Module, inputs: torch.Tensor,
 
     handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
     try:
-        with evaluating(module), torch.enable_grad():
-            x = inputs.detach().requires_grad_(True)
+        with evaluating(module), torch.set_grad_enabled(graph):
+            x = inputs.detach().requires_grad_(graph)
             logits = logits_of(module(x))
             yield ForwardPass(x, logits, activations)
     finally:

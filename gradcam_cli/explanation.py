@@ -15,7 +15,7 @@ from . import methods as M
 from . import paths as PA
 from . import perturb as P
 from . import refine as R
-from .engine import ForwardPass, forward_pass
+from .engine import ForwardPass, evaluating, forward_pass
 from .errors import ArgumentError, ArgumentTypeError, UsageError, unknown
 from .layout import Layout, to_nchw
 from .models import find_layer, layer_layout
@@ -127,7 +127,8 @@ def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str
     layouts = {name: layer_layout(module, name, inputs) for name in layers}
     biases = FG.bias_layers(module) if "fullgrad" in methods else {}
     clean = PA.unsmoothed(methods, settings.smooth)  # the maps of the clean input's backward passes
-    with forward_pass(module, inputs, {**biases, **modules}) as fp:
+    graph = bool(biases) or any(M.REGISTRY_BY_NAME[m].backpropagates for m in clean)
+    with forward_pass(module, inputs, {**biases, **modules}, graph) as fp:
         missing = [name for name in layers if name not in fp.activations]
         if missing:
             raise UsageError(f"--layer {missing[0]} did not produce a tensor in the forward pass; "
@@ -143,6 +144,7 @@ def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str
         gates = len(fp.gates) if {"guided", "deconv", "guided-gradcam"} & set(methods) else None
         acts = {name: fp.activations[name].detach() for name in layers}
         outputs = fp.logits.detach()
+    del fp, scores  # the graph's saved activations must not stay under the perturbation passes' peak
     size = tuple(inputs.shape[-2:])
     occluded = (_occlusion(module, inputs, chosen, settings.occlusion, batch_size, progress)
                 if "occlusion" in methods else {})
@@ -202,13 +204,15 @@ def _aug_smooth(results: list[Explanation], module: nn.Module, inputs: torch.Ten
 
 def _occlusion(module: nn.Module, inputs: torch.Tensor, target: Target, settings: OcclusionSettings,
                batch_size: int, progress: bool) -> dict[str, torch.Tensor]:
-    """Occlusion's maps (one per patch size), from passes on the fast inference copy."""
-    fast = P.inference_copy(module)
-    try:
-        return occlusion_maps(fast, inputs.detach(), target, settings, batch_size, progress)
-    finally:  # a torch.fx copy sits in reference cycles: free it now, not later
-        del fast
-        gc.collect()
+    """Occlusion's maps (one per patch size), from passes on the model's own graph in eval mode:
+    no copy of the weights, so the peak stays below captum's (``perturb.shared_graph``)."""
+    with evaluating(module):
+        graph = P.shared_graph(module, inputs.detach())
+        try:
+            return occlusion_maps(graph, inputs.detach(), target, settings, batch_size, progress)
+        finally:  # a torch.fx graph sits in reference cycles: free it now, not later
+            del graph
+            gc.collect()
 
 
 def _rise(module: nn.Module, inputs: torch.Tensor, target: Target, settings: RiseSettings,

@@ -295,19 +295,17 @@ class Reuse:
         steps = _leading_steps(fast)
         if len(steps) < 2:
             return None
-        try:
-            base = _record(fast, steps, image, _read(steps))
+        try:  # shapes only: keeping every local layer's map would raise the peak
+            shapes = _record(fast, steps, image, set())
         except Exception:  # a graph the interpreter cannot replay: full passes, as without a prefix
             return None
-        steps = _checked(steps, base)
-        cut = _best_cut(steps, base, image, starts, patch, total_macs)
+        steps = _checked(steps, shapes)
+        cut = _best_cut(steps, shapes, image, starts, patch, total_macs)
         if cut is None:
             return None
-        steps = steps[:cut + 1]
-        read = _read(steps) | {steps[-1].node}
-        if base[steps[-1].node].is_meta:  # the cut's own map was not kept: run the prefix again
-            base = _record(fast, steps, image, read)
-        return cls(fast, steps, {n: v for n, v in base.items() if n in read}, image, fill, starts, patch)
+        steps = steps[:cut + 1]  # run the prefix again, keeping the maps it reads and the cut's
+        base = _record(fast, steps, image, _read(steps) | {steps[-1].node})
+        return cls(fast, steps, base, image, fill, starts, patch)
 
     def logits(self, chunk: torch.Tensor) -> torch.Tensor:
         """The logits of the windows ``chunk`` (indices into ``starts``)."""
@@ -330,14 +328,12 @@ class Reuse:
             return self._occluded(chunk, step)
         if step.kind == "pointwise":
             return step.apply(crops[step.args[0]])
+        size, region_at = _region(step)
         if step.kind == "window":
             arg, w = step.args[0], step.window
-            reach = tuple((n - 1) * s + d * (k - 1) + 1 for n, s, d, k
-                          in zip(step.size, w.stride, w.dilation, w.kernel, strict=True))
-            region_at = at * torch.tensor(w.stride) - torch.tensor(w.padding)
-            region = _gather(self.base[arg], reach, region_at, crops[arg], self.at[arg][chunk], w.pad_value)
-            return w.apply(region)
-        operands = [_gather(self.base[a], step.size, at, crops[a], self.at[a][chunk])
+            return w.apply(_gather(self.base[arg], size, region_at[chunk], crops[arg], self.at[arg][chunk],
+                                   w.pad_value))
+        operands = [_gather(self.base[a], size, at, crops[a], self.at[a][chunk])
                     if isinstance(a, fx.Node) else a for a in step.args]
         return step.apply(*operands)
 
@@ -365,10 +361,30 @@ def _record(gm: fx.GraphModule, steps: list[Step], image: torch.Tensor,
     return recorder.base
 
 
+def _region(step: Step) -> tuple[tuple[int, int], torch.Tensor]:
+    """The size and the starts (one per window) of what a placed window or binary step reads
+    of each argument: its input box grown by the window's reach, or its own box."""
+    if step.kind != "window":
+        return step.size, step.at
+    w = step.window
+    size = tuple((n - 1) * s + d * (k - 1) + 1
+                 for n, s, d, k in zip(step.size, w.stride, w.dilation, w.kernel, strict=True))
+    return size, step.at * torch.tensor(w.stride) - torch.tensor(w.padding)
+
+
 def _read(steps: list[Step]) -> set[fx.Node]:
-    """The nodes whose unoccluded maps the steps read (around boxes): those that a sliding
-    window or a binary operation takes."""
-    return {a for s in steps if s.kind in ("window", "binary") for a in s.args if isinstance(a, fx.Node)}
+    """The nodes whose unoccluded maps the placed steps read: arguments of a sliding window or a
+    binary operation whose changed box is not all the step reads (a 1x1 convolution's input
+    and a sum's widest operand are not: their boxes are the regions, ``_gather``'s shortcut)."""
+    box = {s.node: s for s in steps}
+    read = set()
+    for step in steps:
+        if step.kind not in ("window", "binary"):
+            continue
+        size, at = _region(step)
+        read |= {a for a in step.args if isinstance(a, fx.Node)
+                 and (box[a].size != size or not torch.equal(box[a].at, at))}
+    return read
 
 
 def _checked(steps: list[Step], base: dict[fx.Node, torch.Tensor]) -> list[Step]:

@@ -42,6 +42,12 @@ class Method:
         return self.needs not in ("input-gradient", "input-passes", "bias-gradient", "input-path")
 
     @property
+    def backpropagates(self) -> bool:
+        """Whether it takes gradients through the shared forward pass (so that pass keeps a graph)."""
+        return self.needs in ("input-gradient", "layer-gradient", "guided-and-layer-gradient",
+                              "bias-gradient")
+
+    @property
     def overlay(self) -> bool:
         """Whether the map is one channel drawn as a heat map over the crop (CAMs, occlusion),
         rather than an input gradient's picture."""

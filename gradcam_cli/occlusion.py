@@ -16,10 +16,12 @@ Borders (``border``):
   global pooling accepts it; one with a fixed input size is refused) and drops are measured
   from the padded input's score, as seed 001 does.
 
-Passes run on the model's inference copy. Where its first layers are local (convolutions,
-pooling, pointwise activations, sums), they run once on the unoccluded image and each window
-recomputes them only where it changes them (``local.Reuse``); this is used only after the first,
-middle and last windows' logits equal those of full passes, else every window runs in full.
+Passes run on the model's own torch.fx graph in eval mode, its weights shared rather than
+copied (``perturb.shared_graph``: a copy would add the model's size to the peak). Where its
+first layers are local (convolutions, pooling, pointwise activations, sums), they run once on
+the unoccluded image and each window recomputes them only where it changes them
+(``local.Reuse``); this is used only after the first, middle and last windows' logits equal
+those of full passes, else every window runs in full.
 
 Seed 001 stores one value per window (occluded - unoccluded: negative where the region
 matters) rather than averaging over covering windows, and starts its columns one stride late;
@@ -98,8 +100,8 @@ def _positive(value: object) -> bool:
 
 def occlusion_maps(fast: nn.Module, inputs: torch.Tensor, target: Target, settings: OcclusionSettings,
                    batch_size: int, progress: bool) -> dict[str, torch.Tensor]:
-    """Per map name, NxKx1xHxW maps of every image's K explained scores; ``fast`` is the model's
-    inference copy, and one set of passes serves all K scores."""
+    """Per map name, NxKx1xHxW maps of every image's K explained scores; ``fast`` is the model
+    as passes should run it (``perturb.shared_graph``), and one set of passes serves all K scores."""
     height, width = inputs.shape[-2:]
     if settings.border == "edge" and max(settings.patches) > min(height, width):
         raise ArgumentError("patches", max(settings.patches), f"larger than the input ({height}x{width}); "

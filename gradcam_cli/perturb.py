@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from copy import deepcopy
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 from tqdm import tqdm
 
@@ -75,6 +75,25 @@ def inference_copy(module: nn.Module) -> nn.Module:
     copy = copy.to(memory_format=torch.channels_last)
     gc.collect()  # tracing leaves reference cycles holding the unfused weights: free them now
     return copy
+
+
+def shared_graph(module: nn.Module, inputs: torch.Tensor) -> nn.Module:
+    """The model's own torch.fx graph, its modules and weights shared, not copied: for
+    occlusion, whose reuse of the unoccluded prefix needs a graph, and whose peak a copy of the
+    weights would raise by the model's size. Call it, and run it, with the model in eval mode.
+
+    The module itself when it cannot be traced (a hook or forward that needs real values) or
+    when the graph's logits for ``inputs`` differ from the module's (a hook whose effect the
+    trace fixed at one call)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = fx.symbolic_trace(module)
+        with torch.inference_mode():
+            same = torch.allclose(logits_of(graph(inputs)), logits_of(module(inputs)), rtol=1e-5, atol=1e-6)
+    except Exception:  # any tracing failure: the module as it is
+        return module
+    return graph if same else module
 
 
 def ablation_logits(module: nn.Module, layer: nn.Module, image: torch.Tensor, layout: Layout,

@@ -45,14 +45,15 @@ def make_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (64, 48)) 
     return path
 
 
-def copy_batch_sizes(monkeypatch: pytest.MonkeyPatch, owner: object) -> list[int]:
-    """The batch sizes, in order, that the inference copies made through
-    ``owner.inference_copy`` (a module that imported it) are given."""
-    sizes, copy = [], owner.inference_copy
+def copy_batch_sizes(monkeypatch: pytest.MonkeyPatch, owner: object,
+                     factory: str = "inference_copy") -> list[int]:
+    """The batch sizes, in order, that the modules made through ``owner.<factory>`` (a module
+    that imported ``inference_copy`` or ``shared_graph``) are given."""
+    sizes, make = [], getattr(owner, factory)
 
-    def counted(module: torch.nn.Module) -> torch.nn.Module:
-        fast = copy(module)
-        fast.register_forward_pre_hook(lambda _m, args: sizes.append(len(args[0])))
+    def counted(*args: object) -> torch.nn.Module:
+        fast = make(*args)
+        fast.register_forward_pre_hook(lambda _m, inputs: sizes.append(len(inputs[0])))
         return fast
-    monkeypatch.setattr(owner, "inference_copy", counted)
+    monkeypatch.setattr(owner, factory, counted)
     return sizes

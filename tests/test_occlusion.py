@@ -17,6 +17,7 @@ from gradcam_cli.errors import ArgumentError
 from gradcam_cli.explanation import explain
 from gradcam_cli.metrics import baseline_of
 from gradcam_cli.occlusion import OcclusionSettings, window_drops
+from gradcam_cli.rise import RiseSettings
 from gradcam_cli.settings import MethodSettings
 from gradcam_cli.targets import top_classes, top_proxies
 
@@ -109,7 +110,7 @@ def test_seed_001_map_for_its_demo_settings(patch: int) -> None:
     edge, which gradcam does not have."""
     net, x = small_net(), X[:1, :, :9, :8]
     settings = OcclusionSettings(patches=(patch,), stride=1, border="pad")
-    fast = P.inference_copy(net)
+    fast = P.shared_graph(net, x)
     target = top_classes(class_ids=[2])(net(x).detach())
     drops = window_drops(fast, x, target, 0, patch, settings, batch_size=16)[0]  # K x rows x cols
     seed = seed_001_map(net, x, 2, patch, stride=1)
@@ -150,13 +151,112 @@ def test_negative_side_and_similarity_scores_are_occluded_too() -> None:
     assert torch.allclose(result.maps["occlusion"][0, 0], expected, atol=1e-5)
 
 
-def test_masked_copies_run_in_batches_on_the_fast_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_masked_copies_run_in_batches_on_the_shared_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     """3 x 3 windows with batch size 4: the unoccluded input, then 4, 4 and 1 copies."""
-    sizes = copy_batch_sizes(monkeypatch, P)
+    sizes = copy_batch_sizes(monkeypatch, P, "shared_graph")
     explain(small_net(), X[:1, :, :12, :12], "2", topk=1, methods=["occlusion"], batch_size=4,
             settings=occluding(patches=(6,), stride=3))
     assert sizes == [1, 4, 4, 1]
 
+
+def passes_of(monkeypatch: pytest.MonkeyPatch) -> list[nn.Module]:
+    """Collect the module that occlusion's passes run on, once per ``explain``."""
+    import gradcam_cli.explanation as E
+    seen, maps = [], E.occlusion_maps
+
+    def spying(fast: nn.Module, *args: object) -> dict:
+        seen.append(fast)
+        return maps(fast, *args)
+    monkeypatch.setattr(E, "occlusion_maps", spying)
+    return seen
+
+
+def test_passes_share_the_models_weights_instead_of_copying_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy of the weights would add the model's size to the peak (100 MB for resnet50, about
+    captum's whole peak at the same batch): the passes run on the model's own graph, its tensors shared."""
+    net, seen = small_net(), passes_of(monkeypatch)
+    explain(net, X[:1], "2", topk=1, methods=["occlusion"], settings=occluding(patches=(6,), stride=3))
+    own = {t.data_ptr() for t in [*net.parameters(), *net.buffers()]}
+    assert len(seen) == 1 and isinstance(seen[0], torch.fx.GraphModule)
+    assert {t.data_ptr() for t in [*seen[0].parameters(), *seen[0].buffers()]} <= own
+
+
+def test_the_forward_pass_graph_is_freed_before_the_occluded_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first pass's autograd graph (every saved activation: 94 MB for resnet50 at 224),
+    kept for Grad-CAM's backward passes, must not sit under the peak of the occluded batches:
+    the first convolution's output, saved for batch norm's backward, is gone when they run."""
+    import weakref
+
+    import gradcam_cli.explanation as E
+    net, saved, alive, maps = small_net(), [], [], E.occlusion_maps
+    handle = net[0].register_forward_hook(  # only the pass that builds a graph
+        lambda _m, _i, out: saved.append(weakref.ref(out)) if out.requires_grad else None)
+
+    def spying(*args: object) -> dict:
+        alive.append([ref() is not None for ref in saved])
+        return maps(*args)
+    monkeypatch.setattr(E, "occlusion_maps", spying)
+    try:
+        explain(net, X[:1], "2", topk=1, methods=["gradcam", "occlusion"],
+                settings=occluding(patches=(6,), stride=3))
+    finally:
+        handle.remove()
+    assert alive == [[False]]
+
+
+def test_without_a_gradient_method_the_first_pass_builds_no_graph() -> None:
+    """Occlusion and RISE need only the scores: a graph for a backward pass never run would
+    hold every activation (94 MB for resnet50 at 224) through the first pass."""
+    net, graphs = small_net(), []
+    handle = net[0].register_forward_hook(lambda _m, _i, out: graphs.append(out.requires_grad))
+    try:
+        explain(net, X[:1], "2", topk=1, methods=["occlusion", "rise"],
+                settings=MethodSettings(occlusion=OcclusionSettings(patches=(6,), stride=3),
+                                        rise=RiseSettings(n_masks=4, cell=4)))
+        assert graphs and not any(graphs)
+        explain(net, X[:1], "2", topk=1, methods=["occlusion", "gradcam"],
+                settings=occluding(patches=(6,), stride=3))
+    finally:
+        handle.remove()
+    assert any(graphs)
+
+
+def test_a_model_in_training_mode_is_occluded_in_eval_mode_and_left_so() -> None:
+    """Batch norm uses its running statistics (captum on the eval-mode model), and every
+    submodule's training flag is given back."""
+    net = small_net()
+    expected = captum_map(net, X[:1], 6, 3, "zero", 0)
+    net.train()
+    net[2].eval()  # a mixed state, given back as it was
+    result = explain(net, X[:1], "2", class_ids=[0], methods=["occlusion"],
+                     settings=occluding(patches=(6,), stride=3))
+    assert torch.allclose(result.maps["occlusion"][0, 0], expected, atol=1e-5)
+    assert [m.training for m in net.modules()] == [True, True, True, False, True, True, True, True, True]
+
+
+class Branching(nn.Module):
+    """small_net behind a branch on the input's values, as some models rescale their input:
+    torch.fx cannot trace it, so the passes run on the model itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = small_net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped net's logits, of an input scaled down when it looks like 0..255 pixels."""
+        if x.abs().amax() > 100:
+            x = x / 255
+        return self.net(x)
+
+
+def test_a_model_that_cannot_be_traced_runs_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The passes run on the model itself, and the map still equals captum's."""
+    net, seen = Branching().eval(), passes_of(monkeypatch)
+    expected = captum_map(net, X[:1], 6, 3, "zero", 0)
+    result = explain(net, X[:1], "net.2", class_ids=[0], methods=["occlusion"],
+                     settings=occluding(patches=(6,), stride=3))
+    assert seen == [net]
+    assert torch.allclose(result.maps["occlusion"][0, 0], expected, atol=1e-5)
 
 @pytest.mark.parametrize(("kwargs", "argument"), [
     ({"patches": ()}, "patches"), ({"patches": (0,)}, "patches"), ({"patches": 5}, "patches"),
@@ -263,7 +363,7 @@ def drops_both_ways(model: nn.Module, x: torch.Tensor, settings: OcclusionSettin
     built, each with whether its self-check passed (``plan.agreed``)."""
     from gradcam_cli import local
     from gradcam_cli import occlusion as O
-    fast = P.inference_copy(model)
+    fast = P.shared_graph(model.eval(), x)
     target = top_classes(topk=2)(model(x).detach())
     plans: list = []
     build, agrees = local.Reuse.build, O._agrees
@@ -311,8 +411,8 @@ def test_reuse_is_chosen_where_it_pays_and_not_for_a_vit() -> None:
     from torchvision.models.vision_transformer import VisionTransformer
 
     from gradcam_cli import local
-    fast = P.inference_copy(resnet50().eval())
     x = torch.randn(1, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    fast = P.shared_graph(resnet50().eval(), x)
     starts = torch.cartesian_prod(torch.arange(13) * 16, torch.arange(13) * 16)
     with torch.inference_mode(), local.counting(fast) as macs:
         fast(x)
@@ -324,6 +424,30 @@ def test_reuse_is_chosen_where_it_pays_and_not_for_a_vit() -> None:
                             mlp_dim=32, num_classes=5).eval()
     reused, full, plans = drops_both_ways(vit, torch.randn(1, 3, 32, 32), OcclusionSettings(patches=(8,)))
     assert plans == [None] and torch.equal(reused, full)
+
+
+def test_only_the_chosen_prefix_keeps_its_unoccluded_maps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Choosing the cut needs only shapes: keeping every local layer's map (all of resnet50 up
+    to its pooling) would raise the peak above captum's; only maps the prefix reads outside a
+    window's box are kept (at 224: 31 MB, against 55 MB for every input of a window or sum)."""
+    from torchvision.models import resnet50
+
+    from gradcam_cli import local
+    x = torch.randn(1, 3, 160, 160).contiguous(memory_format=torch.channels_last)
+    fast, kept, record = P.shared_graph(resnet50().eval(), x), [], local._record
+    monkeypatch.setattr(local, "_record", lambda gm, steps, image, read: kept.append(set(read))
+                        or record(gm, steps, image, read))
+    starts = torch.cartesian_prod(torch.arange(9) * 16, torch.arange(9) * 16)
+    with torch.inference_mode(), local.counting(fast) as macs:
+        fast(x)
+        plan = local.Reuse.build(fast, x, torch.zeros_like(x), starts, 32, sum(macs))
+    assert plan is not None and kept
+    prefix = {s.node for s in plan.steps}
+    assert all(read <= prefix for read in kept), plan.cut
+    assert set(plan.base) <= prefix
+    pointwise = [s.args[0] for s in plan.steps if s.kind == "window" and s.window.kernel == (1, 1)
+                 and s.window.stride == (1, 1) and s.window.padding == (0, 0) and len(s.args[0].users) == 1]
+    assert pointwise and all(plan.base[n].is_meta for n in pointwise)  # a 1x1 convolution reads its box
 
 
 def test_a_reused_path_that_disagrees_is_never_used(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -373,3 +497,16 @@ def test_reuse_on_a_small_net_equals_captum_for_every_fill_and_border(
                      settings=occluding(patches=(9,), stride=5, fill="blur"))
     expected = captum_map(net, x, 9, 5, "blur", 2)
     assert torch.allclose(result.maps["occlusion"][0, 0], expected, atol=1e-5)
+
+
+def test_a_graph_whose_logits_differ_from_the_models_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should a trace not compute what the model computes (here: another net's graph), the
+    passes run on the model itself."""
+    net, other = small_net(), small_net(outputs=5)
+    with torch.no_grad():
+        other[0].weight.mul_(2)
+    trace = torch.fx.symbolic_trace
+    monkeypatch.setattr(P.fx, "symbolic_trace", lambda _module: trace(other))
+    assert P.shared_graph(net, X[:1]) is net
+    monkeypatch.setattr(P.fx, "symbolic_trace", lambda _module: trace(small_net()))
+    assert isinstance(P.shared_graph(net, X[:1]), torch.fx.GraphModule)
