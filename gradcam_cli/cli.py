@@ -1036,11 +1036,14 @@ def _print_table(record: dict) -> None:
 @preprocess_options
 def layers(arch: str) -> None:
     """List the layers with a spatial output (candidate targets) and their shapes."""
-    from .models import default_layer, load_model, spatial_layers, stage_layers
+    from .models import SEGMENTERS, default_layer, load_model, load_segmenter, spatial_layers, stage_layers
+    from .tasks.segment import segment_layer
 
+    segmenter = arch in SEGMENTERS  # segment's networks: their default is the backbone's last stage
+    load = load_segmenter if segmenter else load_model
     with redirect_stdout(sys.stderr):  # stdout carries the listing only
-        model = preprocessed(partial(load_model, arch, "none"), arch, "none")()
-    default = default_layer(arch, model.module, model.preprocess)
+        model = preprocessed(partial(load, arch, "none"), arch, "none")()
+    default = segment_layer(model, None) if segmenter else default_layer(arch, model.module, model.preprocess)
     stages = stage_layers(arch, model.module, model.preprocess)
     height, width = model.preprocess.input_size
     click.echo(f"{arch} at {height}x{width}; * marks the default target layer, s the stages "
@@ -1065,10 +1068,80 @@ def methods() -> None:
 
 
 @main.command()
-def architectures() -> None:
+@click.option("--task", type=click.Choice(("classify", "segment")), default="classify", show_default=True,
+              help="The classifiers (classify, compare-layers, evaluate, embed) or the segmentation "
+                   "networks (segment).")
+def architectures(task: str) -> None:
     """List the torchvision names --arch accepts (also timm/NAME, hf/PATH_OR_ID, module:...)."""
-    from .models import ARCHITECTURES
+    from .models import ARCHITECTURES, SEGMENTERS
 
-    click.echo("\n".join(ARCHITECTURES))
-    click.echo("also: timm/NAME (any name timm.list_models() gives), hf/PATH_OR_ID (a Hugging Face "
-               "image classifier), module:PACKAGE.MODULE:FACTORY (your own network)", err=True)
+    click.echo("\n".join(SEGMENTERS if task == "segment" else ARCHITECTURES))
+    if task == "classify":
+        click.echo("also: timm/NAME (any name timm.list_models() gives), hf/PATH_OR_ID (a Hugging Face "
+                   "image classifier), module:PACKAGE.MODULE:FACTORY (your own network); "
+                   "segmentation networks: --task segment", err=True)
+
+
+def parse_region(text: str | None) -> tuple[int, ...] | None:
+    """--region x0,y0,x1,y1 as four integers (the library checks their order)."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 4 or not all(p.isdigit() for p in parts):
+        raise ArgumentError("region", text, "four non-negative integers x0,y0,x1,y1 (pixels of the "
+                            "original image)")
+    return tuple(int(p) for p in parts)
+
+
+@main.command(epilog=EXIT_CODES)
+@model_options
+@image_options
+@skip_option
+@click.option("--class-id", "class_ids", multiple=True, type=click.IntRange(min=0),
+              help="Explain this class instead of every predicted one; repeatable.")
+@click.option("--class-name", "class_names", multiple=True, metavar="NAME",
+              help="Explain the class of this name (person, __background__); repeatable.")
+@click.option("--region", metavar="X0,Y0,X1,Y1",
+              help="Sum each class's logits over this box of the original image (x1, y1 just "
+                   "outside) instead of over its predicted pixels.")
+@click.option("--region-mask", metavar="FILE",
+              help="Sum each class's logits over this mask instead (an image of each input's "
+                   "size; nonzero = inside).")
+@layer_option
+@method_option
+def segment(arch: str, weights: str, num_classes: int | None, labels: str | None, unsafe_load: bool,
+            cuda: bool | None, layer: str | None, methods: tuple[str, ...], class_ids: tuple[int, ...],
+            class_names: tuple[str, ...], region: str | None, region_mask: str | None,
+            **options: object) -> None:
+    """Explain a segmentation network (fcn_*, deeplabv3_*, lraspp_*): a row per predicted class."""
+    from .methods import DEFAULT_METHODS
+    from .models import load_segmenter
+    from .tasks.segment import check_methods, region_of, segment_layer
+    from .tasks.segment import segment as segment_images
+
+    methods = methods or DEFAULT_METHODS
+    check_methods(methods)
+    box = parse_region(region)
+    region_of(box, region_mask)  # a bad region or unreadable mask is refused before the model loads
+
+    def start(model: LoadedModel, _items: list) -> Callable[..., Iterator[dict]]:
+        chosen = segment_layer(model, layer)
+        if layer is None:
+            click.echo(f"gradcam: target layer {chosen} (default for {model.arch}; change with --layer)",
+                       err=True)
+        return partial(segment_images, layer=chosen, methods=methods, class_ids=class_ids,
+                       class_names=class_names, region=box, region_mask=region_mask)
+    load = preprocessed(partial(load_segmenter, arch, weights, num_classes, labels, unsafe_load,
+                                pick_device(cuda)), arch, weights)
+    run_images(load, start, report=_print_segmented, **options)
+
+
+def _print_segmented(record: dict) -> None:
+    """An image's explained classes: pixel share, masked logit sum, id and name."""
+    click.echo(f"{quoted(record['image'])}  ({record['arch']} @ {record['layer']})")
+    for c in record["classes"]:
+        click.echo(f"  {c['rank']:>2}  {c['pixel_share']:7.1%}  {c['score']:12.4g}  {c['class_id']:>3}  "
+                   f"{c['name']}")
+    for c in record["skipped_classes"]:
+        click.echo(f"  skipped {c['class_id']} {c['name']}: {c['reason']}")
+    click.echo(f"  -> {record['grid']}")

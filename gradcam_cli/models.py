@@ -27,15 +27,17 @@ from .sources.checkpoint import (
     load_checkpoint,
     read_checkpoint,
 )
-from .sources.torchvision import ARCHITECTURES
+from .sources.torchvision import ARCHITECTURES, SEGMENTERS, build_segmenter
 
 __all__ = [
     "ARCHITECTURES",
     "CHECKPOINT_SUFFIXES",
+    "SEGMENTERS",
     "LoadedModel",
     "file_sha256",
     "load_embedder",
     "load_model",
+    "load_segmenter",
     "read_checkpoint",
     "read_labels",
 ]
@@ -84,7 +86,13 @@ def load_model(arch: str, weights: str = "DEFAULT", num_classes: int | None = No
     beside it changes that, and ``preprocess`` (Preprocess field names to values) changes the
     result. A source without a default (``module:``) needs a complete one from either.
     """
-    source = build(arch, weights, num_classes, unsafe_load)
+    return _loaded(arch, build(arch, weights, num_classes, unsafe_load), weights, labels, device, preprocess)
+
+
+def _loaded(arch: str, source: Source, weights: str, labels: str | Path | None, device: str | torch.device,
+            preprocess: Mapping[str, object] | None) -> LoadedModel:
+    """A built network in eval mode on ``device``, with its class names (``labels`` first, else
+    the source's when they fit its outputs) and its preprocessing, checked against it."""
     module = source.module.eval().to(device)
     outputs = _output_size(module)
     names = source.categories if source.categories and len(source.categories) == outputs else None
@@ -328,3 +336,13 @@ def _siblings(name: str, layers: list[str]) -> list[str]:
         found = [layer for layer in layers if re.fullmatch(pattern, layer)]
         best = found if len(found) > len(best) else best
     return best
+
+
+def load_segmenter(arch: str, weights: str = "DEFAULT", num_classes: int | None = None,
+                   labels: str | Path | None = None, unsafe_load: bool = False,
+                   device: str | torch.device = "cpu",
+                   preprocess: Mapping[str, object] | None = None) -> LoadedModel:
+    """A torchvision segmentation network by name (``SEGMENTERS``), loaded as ``load_model``
+    loads a classifier; its forward returns the per-pixel class logits ``out`` (NxCxHxW)."""
+    return _loaded(arch, build_segmenter(arch, weights, num_classes, unsafe_load), weights, labels, device,
+                   preprocess)

@@ -13,7 +13,7 @@ from torchvision.models import get_model, get_model_weights, list_models
 from ..errors import ArgumentError, unknown
 from ..preprocess import Preprocess
 from . import Source, no_pretrained_with_num_classes, seeded
-from .checkpoint import is_checkpoint, load_checkpoint
+from .checkpoint import file_sha256, is_checkpoint, load_checkpoint, load_state, read_checkpoint
 
 ARCHITECTURES: tuple[str, ...] = tuple(sorted(list_models(module=torchvision.models)))
 
@@ -76,4 +76,58 @@ def _preprocess(weights: torchvision.models.WeightsEnum, module: nn.Module) -> P
     if size != crop:
         crop, resize = size, round(size * resize / crop)
     return Preprocess((crop, crop), tuple(t.mean), tuple(t.std), resize_to=resize,
+                      interpolation=t.interpolation.value)
+
+
+SEGMENTERS: tuple[str, ...] = tuple(sorted(list_models(module=torchvision.models.segmentation)))
+
+
+def build_segmenter(arch: str, weights: str, num_classes: int | None, unsafe_load: bool) -> Source:
+    """Build a torchvision segmentation network (FCN, DeepLabV3, LR-ASPP) as ``build`` builds a
+    classifier; its forward returns only the per-pixel class logits ``out`` and its auxiliary
+    head (``aux``, a training aid) is removed, since it is never explained."""
+    if arch not in SEGMENTERS:
+        raise unknown("arch", arch, SEGMENTERS, "segmentation architecture")
+    enum = get_model_weights(arch)
+    chosen, digest = enum.DEFAULT, None
+    classes = num_classes or len(enum.DEFAULT.meta["categories"])
+    if is_checkpoint(weights):
+        state = read_checkpoint(Path(weights), unsafe_load)
+        module = random_segmenter(arch, classes, any(k.startswith("aux_classifier.") for k in state))
+        load_state(module, state, weights)
+        source, digest = str(weights), file_sha256(Path(weights))
+    elif weights.lower() == "none":
+        module, source = random_segmenter(arch, classes), "none"
+    else:
+        if weights not in enum.__members__:
+            raise unknown("weights", weights, [*enum.__members__, "none"], f"weights for {arch}")
+        no_pretrained_with_num_classes(num_classes)
+        chosen = enum[weights]
+        module, source = download(arch, chosen), chosen.name
+    if getattr(module, "aux_classifier", None) is not None:
+        module.aux_classifier = None
+    module.register_forward_hook(_out_only)
+    return Source(module, list(chosen.meta["categories"]), _segment_preprocess(chosen), source, digest)
+
+
+def random_segmenter(arch: str, num_classes: int, aux: bool = False) -> nn.Module:
+    """A randomly initialised segmentation network (its backbone random too: nothing is
+    downloaded), from a fixed seed; ``aux``: with the auxiliary head a checkpoint may hold
+    (LR-ASPP has none)."""
+    with seeded():
+        extra = {"aux_loss": True} if aux and not arch.startswith("lraspp") else {}
+        return get_model(arch, weights=None, weights_backbone=None, num_classes=num_classes, **extra)
+
+
+def _out_only(_module: nn.Module, _inputs: object, output: dict) -> torch.Tensor:
+    """A forward hook: torchvision's segmentation output {"out": …, "aux": …} -> ``out``."""
+    return output["out"]
+
+
+def _segment_preprocess(weights: torchvision.models.WeightsEnum) -> Preprocess:
+    """The weights' transforms (shorter side to 520, mean, std) with a square centre crop of
+    that size, so that images of any shape batch together."""
+    t = weights.transforms()
+    size = t.resize_size[0]
+    return Preprocess((size, size), tuple(t.mean), tuple(t.std), resize_to=size,
                       interpolation=t.interpolation.value)
