@@ -32,13 +32,20 @@ def build(arch: str, weights: str, num_classes: int | None, unsafe_load: bool) -
         module = random_network(arch, num_classes or len(enum.DEFAULT.meta["categories"]))
         source = "none"
     else:
-        if weights not in enum.__members__:
-            raise unknown("weights", weights, [*enum.__members__, "none"], f"weights for {arch}")
-        no_pretrained_with_num_classes(num_classes)
-        chosen = enum[weights]
+        chosen = named_weights(arch, weights, num_classes)
         module, source = download(arch, chosen), chosen.name
     names = chosen.meta["categories"] or None  # feature-only weights (vgg16's) have none
     return Source(module, names and list(names), _preprocess(chosen, module), source, digest)
+
+
+def named_weights(arch: str, weights: str, num_classes: int | None) -> torchvision.models.WeightsEnum:
+    """The weights enum member ``weights`` of ``arch`` (a pretrained head fixes the classes, so
+    ``num_classes`` must not be given)."""
+    enum = get_model_weights(arch)
+    if weights not in enum.__members__:
+        raise unknown("weights", weights, [*enum.__members__, "none"], f"weights for {arch}")
+    no_pretrained_with_num_classes(num_classes)
+    return enum[weights]
 
 
 def random_network(arch: str, num_classes: int) -> nn.Module:
@@ -99,10 +106,7 @@ def build_segmenter(arch: str, weights: str, num_classes: int | None, unsafe_loa
     elif weights.lower() == "none":
         module, source = random_segmenter(arch, classes), "none"
     else:
-        if weights not in enum.__members__:
-            raise unknown("weights", weights, [*enum.__members__, "none"], f"weights for {arch}")
-        no_pretrained_with_num_classes(num_classes)
-        chosen = enum[weights]
+        chosen = named_weights(arch, weights, num_classes)
         module, source = download(arch, chosen), chosen.name
     if getattr(module, "aux_classifier", None) is not None:
         module.aux_classifier = None
