@@ -164,6 +164,7 @@ FLAGS = {  # library argument -> the option that sets it
     "samples": "--smooth", "noise": "--noise", "smooth_type": "--smooth-type",
     "save_maps": "--save-maps", "overlay": "--overlay", "colormap": "--colormap", "alpha": "--alpha",
     "region": "--region", "region_mask": "--region-mask",
+    "score_threshold": "--score-threshold", "max_detections": "--max-detections",
     "videos": "--video", "every": "--every", "video_ext": "--video-ext", "method": "--video-method",
 }
 
@@ -1036,8 +1037,20 @@ def _print_table(record: dict) -> None:
 @preprocess_options
 def layers(arch: str) -> None:
     """List the layers with a spatial output (candidate targets) and their shapes."""
-    from .models import SEGMENTERS, default_layer, load_model, load_segmenter, spatial_layers, stage_layers
+    from .models import (
+        DETECTORS,
+        SEGMENTERS,
+        default_layer,
+        load_model,
+        load_segmenter,
+        spatial_layers,
+        stage_layers,
+    )
     from .tasks.segment import segment_layer
+
+    if arch in DETECTORS:
+        _detector_layers(arch)
+        return
 
     segmenter = arch in SEGMENTERS  # segment's networks: their default is the backbone's last stage
     load = load_segmenter if segmenter else load_model
@@ -1057,6 +1070,21 @@ def layers(arch: str) -> None:
                    "gradient; after the last block's attention only the class token does)")
 
 
+def _detector_layers(arch: str) -> None:
+    """``layers`` for a detector: its backbone's layers, an FPN's maps level by level."""
+    from .models import load_detector
+    from .tasks.detect import detector_layers
+
+    with redirect_stdout(sys.stderr):
+        model = load_detector(arch, "none")
+    side = model.preprocess.input_size[0]
+    click.echo(f"{arch} on a {side}x{side} image; * marks detect's default target layer (every map "
+               "the heads read, folded into one CAM)")
+    for name, shapes in detector_layers(model):
+        listed = ", ".join("x".join(map(str, shape)) for shape in shapes)
+        click.echo(f"{'*' if name == 'backbone' else ' '}  {name:<48} {listed}")
+
+
 @main.command()
 def methods() -> None:
     """List the explanation methods --method accepts, with what each one computes."""
@@ -1068,18 +1096,18 @@ def methods() -> None:
 
 
 @main.command()
-@click.option("--task", type=click.Choice(("classify", "segment")), default="classify", show_default=True,
-              help="The classifiers (classify, compare-layers, evaluate, embed) or the segmentation "
-                   "networks (segment).")
+@click.option("--task", type=click.Choice(("classify", "segment", "detect")), default="classify",
+              show_default=True, help="The classifiers (classify, compare-layers, evaluate, embed), the "
+                                      "segmentation networks (segment) or the detectors (detect).")
 def architectures(task: str) -> None:
     """List the torchvision names --arch accepts (also timm/NAME, hf/PATH_OR_ID, module:...)."""
-    from .models import ARCHITECTURES, SEGMENTERS
+    from .models import ARCHITECTURES, DETECTORS, SEGMENTERS
 
-    click.echo("\n".join(SEGMENTERS if task == "segment" else ARCHITECTURES))
+    click.echo("\n".join({"segment": SEGMENTERS, "detect": DETECTORS}.get(task, ARCHITECTURES)))
     if task == "classify":
         click.echo("also: timm/NAME (any name timm.list_models() gives), hf/PATH_OR_ID (a Hugging Face "
                    "image classifier), module:PACKAGE.MODULE:FACTORY (your own network); "
-                   "segmentation networks: --task segment", err=True)
+                   "segmentation networks: --task segment; detectors: --task detect", err=True)
 
 
 def parse_region(text: str | None) -> tuple[int, ...] | None:
@@ -1144,4 +1172,54 @@ def _print_segmented(record: dict) -> None:
                    f"{c['name']}")
     for c in record["skipped_classes"]:
         click.echo(f"  skipped {c['class_id']} {c['name']}: {c['reason']}")
+    click.echo(f"  -> {record['grid']}")
+
+
+@main.command(epilog=EXIT_CODES)
+@model_options
+@image_options
+@skip_option
+@click.option("--score-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Explain the detections scoring at least this.")
+@click.option("--max-detections", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Explain at most this many detections per image, best first.")
+@click.option("--class-id", "class_ids", multiple=True, type=click.IntRange(min=0),
+              help="Explain only detections of this class; repeatable.")
+@click.option("--class-name", "class_names", multiple=True, metavar="NAME",
+              help="Explain only detections of the class of this name (dog, person); repeatable.")
+@click.option("--layer", help="Target layer (default: backbone, every feature map the heads read, folded).")
+@click.option("--method", "methods", multiple=True, callback=split_methods,
+              help="Maps to compute, comma-separated or repeated (default: gradcam,eigencam).")
+def detect(arch: str, weights: str, num_classes: int | None, labels: str | None, unsafe_load: bool,
+           cuda: bool | None, layer: str | None, methods: tuple[str, ...], class_ids: tuple[int, ...],
+           class_names: tuple[str, ...], score_threshold: float, max_detections: int,
+           **options: object) -> None:
+    """Explain a detector's detections (fasterrcnn_*, retinanet_*, fcos_*, ssd*): a row per box."""
+    from .models import load_detector
+    from .tasks.detect import DETECT_DEFAULT, check_methods
+    from .tasks.detect import detect as detect_images
+
+    given = click.get_current_context().meta.get(PREPROCESS, {})
+    if given:
+        flag = FLAGS.get(next(iter(given)), "--preprocess")
+        raise UsageError(f"{flag}: detectors resize and normalise with their own transform; leave "
+                         "the preprocessing options out")
+    methods = methods or DETECT_DEFAULT
+    check_methods(methods)
+
+    def start(_model: LoadedModel, _items: list) -> Callable[..., Iterator[dict]]:
+        return partial(detect_images, layer=layer, methods=methods, score_threshold=score_threshold,
+                       max_detections=max_detections, class_ids=class_ids, class_names=class_names)
+    load = partial(load_detector, arch, weights, num_classes, labels, unsafe_load, pick_device(cuda))
+    run_images(load, start, report=_print_detected, **options)
+
+
+def _print_detected(record: dict) -> None:
+    """An image's explained detections: score, box, id and name."""
+    click.echo(f"{quoted(record['image'])}  ({record['arch']} @ {record['layer']})")
+    for d in record["detections"]:
+        box = ",".join(f"{v:.0f}" for v in d["box"])
+        click.echo(f"  {d['rank']:>2}  {d['score']:7.4f}  [{box}]  {d['class_id']:>3}  {d['name']}")
+    if not record["detections"]:
+        click.echo(f"  no detection scoring at least {record['score_threshold']:g}")
     click.echo(f"  -> {record['grid']}")

@@ -27,14 +27,16 @@ from .sources.checkpoint import (
     load_checkpoint,
     read_checkpoint,
 )
-from .sources.torchvision import ARCHITECTURES, SEGMENTERS, build_segmenter
+from .sources.torchvision import ARCHITECTURES, DETECTORS, SEGMENTERS, build_detector, build_segmenter
 
 __all__ = [
     "ARCHITECTURES",
     "CHECKPOINT_SUFFIXES",
+    "DETECTORS",
     "SEGMENTERS",
     "LoadedModel",
     "file_sha256",
+    "load_detector",
     "load_embedder",
     "load_model",
     "load_segmenter",
@@ -346,3 +348,22 @@ def load_segmenter(arch: str, weights: str = "DEFAULT", num_classes: int | None 
     loads a classifier; its forward returns the per-pixel class logits ``out`` (NxCxHxW)."""
     return _loaded(arch, build_segmenter(arch, weights, num_classes, unsafe_load), weights, labels, device,
                    preprocess)
+
+
+def load_detector(arch: str, weights: str = "DEFAULT", num_classes: int | None = None,
+                  labels: str | Path | None = None, unsafe_load: bool = False,
+                  device: str | torch.device = "cpu") -> LoadedModel:
+    """A torchvision detector by name (``DETECTORS``) in eval mode on ``device``; it takes a
+    list of 3xHxW [0, 1] images and returns per image a dict of ``boxes``, ``labels`` and
+    ``scores``. ``preprocess`` describes its own transform (the shorter side it resizes to,
+    its mean and std) and is never applied by gradcam."""
+    source = build_detector(arch, weights, num_classes, unsafe_load)
+    module = source.module.eval().to(device)
+    classes = num_classes or len(source.categories)
+    names = source.categories if len(source.categories) == classes else [f"class {i}" for i in range(classes)]
+    categories = read_labels(labels, classes) if labels else names
+    transform = module.transform
+    side = transform.fixed_size[0] if transform.fixed_size else transform.min_size[-1]  # eval: the last
+    own = Preprocess((side, side), tuple(transform.image_mean), tuple(transform.image_std), resize="none",
+                     crop="none")
+    return LoadedModel(arch, module, categories, own, source.weights, source.weights_sha256, head="detector")

@@ -53,8 +53,8 @@ def evaluate_with_a_box(tmp_path: Path, *args: str) -> tuple[int, str, str]:
                         "--input-size", "64", "--steps", "2", "--json", "--boxes", str(boxes), *args)
 
 
-COMMANDS = {"classify", "compare-layers", "embed", "evaluate", "segment", "layers", "architectures",
-            "methods"}
+COMMANDS = {"classify", "compare-layers", "embed", "evaluate", "segment", "detect", "layers",
+            "architectures", "methods"}
 
 
 def test_help_lists_every_command_and_version() -> None:

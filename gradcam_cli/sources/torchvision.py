@@ -135,3 +135,32 @@ def _segment_preprocess(weights: torchvision.models.WeightsEnum) -> Preprocess:
     size = t.resize_size[0]
     return Preprocess((size, size), tuple(t.mean), tuple(t.std), resize_to=size,
                       interpolation=t.interpolation.value)
+
+
+DETECTORS: tuple[str, ...] = tuple(sorted(list_models(module=torchvision.models.detection)))
+
+
+def build_detector(arch: str, weights: str, num_classes: int | None, unsafe_load: bool) -> Source:
+    """Build a torchvision detector (Faster/Mask/Keypoint R-CNN, RetinaNet, FCOS, SSD, SSDlite)
+    as ``build`` builds a classifier. Its own transform resizes and normalises a [0, 1] image
+    and maps the boxes back to the image's pixels, so ``Source.preprocess`` is None."""
+    if arch not in DETECTORS:
+        raise unknown("arch", arch, DETECTORS, "detection architecture")
+    chosen, digest = get_model_weights(arch).DEFAULT, None
+    classes = num_classes or len(chosen.meta["categories"])
+    if is_checkpoint(weights):
+        module = random_detector(arch, classes)
+        source, digest = str(weights), load_checkpoint(module, weights, unsafe_load)
+    elif weights.lower() == "none":
+        module, source = random_detector(arch, classes), "none"
+    else:
+        chosen = named_weights(arch, weights, num_classes)
+        module, source = download(arch, chosen), chosen.name
+    return Source(module, list(chosen.meta["categories"]), None, source, digest)
+
+
+def random_detector(arch: str, num_classes: int) -> nn.Module:
+    """A randomly initialised detector, its backbone random too (nothing is downloaded), from a
+    fixed seed."""
+    with seeded():
+        return get_model(arch, weights=None, weights_backbone=None, num_classes=num_classes)

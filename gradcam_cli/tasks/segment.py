@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..classes import class_ids_of
 from ..errors import ArgumentError, ArgumentTypeError, InputError, quoted
 from ..explanation import Explanation, explain_layers
 from ..io import atomic_write, png_bytes, slug
@@ -43,6 +42,8 @@ from ..preprocess import Preprocess
 from ..render import grid_image, map_image
 from ..runner import Item, Loaded, Task, run
 from ..targets import Target
+from . import check_methods as check_task_methods
+from . import chosen_classes
 
 # One forward pass and backward passes of the masked sum: the gradient maps and Eigen-CAM.
 SEGMENT_METHODS = tuple(m.name for m in REGISTRY if m.needs in
@@ -52,10 +53,7 @@ MASK_COLOUR, REGION_COLOUR = (255, 255, 0), (0, 255, 255)  # outlines in the gri
 
 def check_methods(methods: Sequence[str]) -> None:
     """Refuse methods that need perturbed or path passes, which segmentation does not run."""
-    for name in methods:
-        if name not in SEGMENT_METHODS:
-            raise ArgumentError("methods", name, "not available for segmentation, which runs one "
-                                f"forward pass per batch; choose from {', '.join(SEGMENT_METHODS)}")
+    check_task_methods(methods, SEGMENT_METHODS, "segmentation")
 
 
 def segment_layer(model: LoadedModel, layer: str | None) -> str:
@@ -319,11 +317,6 @@ def segment(model: LoadedModel, images: Sequence[Item], output_dir: str | Path =
     image's pixels) or ``region_mask`` (an image file of each image's size, nonzero inside).
     """
     check_methods(methods)
-    if isinstance(class_ids, (int, str)):
-        raise ArgumentTypeError("class_ids", class_ids, f"a sequence of class ids, e.g. [{class_ids!r}]")
-    bad = [c for c in class_ids if not 0 <= c < len(model.categories)]
-    if bad:
-        raise ArgumentError("class_ids", bad[0], f"outside 0..{len(model.categories) - 1}")
-    ids = tuple(dict.fromkeys([*class_ids, *class_ids_of(class_names, model.categories)]))
+    ids = chosen_classes(model.categories, class_ids, class_names)
     job = SegmentJob(model, segment_layer(model, layer), tuple(methods), ids, region_of(region, region_mask))
     return run(job, images, output_dir, batch_size, skip_existing, stop)
