@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import urllib.error
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import pytorch_grad_cam as pgc
 import torch
 import torch.nn.functional as F
+import torchvision
 from click.testing import CliRunner
 from PIL import Image
 from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
@@ -119,8 +121,11 @@ def test_maps_of_a_detection_by_hand(levels: int) -> None:
     batch, so the padding is cut off before they are brought to the image's size."""
     net = tiny_detector(levels)
     x = torch.rand(3, 48, 64, generator=torch.Generator().manual_seed(1))
-    found = explain_detections(net, x, "backbone", ["gradcam", "vanilla", "eigencam"], score_threshold=0.0,
-                               max_detections=3)
+    found = explain_detections(net, x, "backbone", ["gradcam", "vanilla", "eigencam", "guided-gradcam"],
+                               score_threshold=0.0, max_detections=3)
+    guided = explain_detections(net, x, "backbone", ["guided"], score_threshold=0.0, max_detections=3)
+    assert torch.allclose(found.maps["guided-gradcam"], guided.maps["guided"] * found.maps["gradcam"])
+    assert not torch.allclose(guided.maps["guided"], found.maps["vanilla"])
     output, kept, xx = by_hand(net, x)
     assert len(found.labels) == 3 and found.maps["gradcam"].shape == (3, 1, 48, 64)
     order = output["scores"].argsort(descending=True, stable=True)[:3].tolist()
@@ -263,3 +268,29 @@ def test_every_detector_end_to_end(arch: str, tmp_path: Path) -> None:
     assert code == 0, err
     (detection,) = json.loads(stdout)["detections"]
     assert all(Path(p).is_file() for p in detection["maps"].values())
+
+
+def test_checkpoint_with_its_own_classes(tmp_path: Path) -> None:
+    """A detector checkpoint with 3 classes loads into its own head (weights in place, digest
+    recorded, numbered class names); one of another head size is refused naming --weights."""
+    torch.manual_seed(3)
+    net = torchvision.models.get_model(FAST, weights=None, weights_backbone=None, num_classes=3)
+    path = tmp_path / "det.pt"
+    torch.save(net.state_dict(), path)
+    model = load_detector(FAST, str(path), num_classes=3)
+    head = model.module.roi_heads.box_predictor.cls_score.weight
+    assert torch.equal(head, net.roi_heads.box_predictor.cls_score.weight) and model.weights_sha256
+    assert model.categories == ["class 0", "class 1", "class 2"]
+    with pytest.raises(ArgumentError) as error:
+        load_detector(FAST, str(path))  # COCO's 91 classes: the head does not fit
+    assert error.value.argument == "weights"
+
+
+def test_failed_download_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*_a: object, **_k: object) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
+    with pytest.raises(ArgumentError) as info:
+        load_detector(FAST)
+    message = str(info.value)
+    assert info.value.argument == "weights" and "checkpoint file" in message and "'none'" in message

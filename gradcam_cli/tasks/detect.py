@@ -184,8 +184,9 @@ def explain_detections(module: nn.Module, image: torch.Tensor, layer: str, metho
     handles = [find_layer(module, layer).register_forward_hook(keep),
                module.transform.register_forward_hook(frame)]
     try:
-        with evaluating(module), thresholded(module, score_threshold), torch.enable_grad():
-            x = image.detach().requires_grad_(True)
+        graph = any(m != "eigencam" for m in methods)  # Eigen-CAM alone needs no backward pass
+        with evaluating(module), thresholded(module, score_threshold), torch.set_grad_enabled(graph):
+            x = image.detach().requires_grad_(graph and (_input_gradient(methods) or not _trainable(module)))
             output = module([x])[0]
     finally:
         for handle in handles:
@@ -194,6 +195,10 @@ def explain_detections(module: nn.Module, image: torch.Tensor, layer: str, metho
     root = torch.cat([output["scores"].flatten(), output["boxes"].flatten()])  # for the ReLU gates
     fp = ForwardPass(x, root, {})
     rows = [_maps(fp, kept, sizes[0], output, d, methods) for d in chosen]
+    if "eigencam" in methods and rows:  # class-agnostic: one map for every detection
+        eigen = folded("eigencam", kept, None, sizes[0])
+        for _, row in rows:
+            row["eigencam"] = eigen
     maps = {m: torch.cat([r[1][m] for r in rows]) if rows else x.new_zeros(0, 1, *x.shape[1:])
             for m in methods}
     return Detections(output["boxes"][chosen].detach(), output["labels"][chosen].tolist(),
@@ -211,28 +216,45 @@ def _chosen(output: dict[str, torch.Tensor], threshold: float, most: int,
 
 def _maps(fp: ForwardPass, kept: list[torch.Tensor], size: ImageSize, output: dict[str, torch.Tensor],
           d: int, methods: Sequence[str]) -> tuple[float, dict[str, torch.Tensor]]:
-    """Detection ``d``'s S and maps (each 1xCxHxW): one plain backward pass to the input and the
-    layer, and one more per other backward rule that a method needs."""
+    """Detection ``d``'s S and maps (each 1xCxHxW): one plain backward pass to the layer (and the
+    input for vanilla backprop) and one more per other backward rule a method needs; Eigen-CAM,
+    the same for every detection, is made once by the caller."""
     score = box_score(output, output["boxes"][d].detach(), int(output["labels"][d]))
-    plain = _gradients(fp, score, "plain", [fp.inputs, *kept])
+    vanilla = "vanilla" in methods
+    layered = any(m in CAM_MAPS or m == "guided-gradcam" for m in methods)
+    plain = _gradients(fp, score, "plain", [fp.inputs] * vanilla + kept * layered)  # one pass for both
+    grads = plain[vanilla:]
     maps: dict[str, torch.Tensor] = {}
     for m in methods:
         if m in GRADIENT_METHODS:
-            rule = GRADIENT_METHODS[m]
-            maps[m] = (plain if rule == "plain" else _gradients(fp, score, rule, [fp.inputs]))[0][None]
-        elif m in CAM_MAPS or m == "eigencam":
-            maps[m] = folded(m, kept, None if m == "eigencam" else plain[1:], size)
+            ruled = plain if m == "vanilla" else _gradients(fp, score, GRADIENT_METHODS[m], [fp.inputs])
+            maps[m] = ruled[0][None]
+        elif m in CAM_MAPS:
+            maps[m] = folded(m, kept, grads, size)
     if "guided-gradcam" in methods:
         guided = maps["guided"] if "guided" in maps else _gradients(fp, score, "guided", [fp.inputs])[0][None]
-        gradcam = maps["gradcam"] if "gradcam" in maps else folded("gradcam", kept, plain[1:], size)
+        gradcam = maps["gradcam"] if "gradcam" in maps else folded("gradcam", kept, grads, size)
         maps["guided-gradcam"] = guided_gradcam(guided, gradcam)
     return float(score.detach()), maps
+
+
+def _input_gradient(methods: Sequence[str]) -> bool:
+    """Whether a method needs the gradient at the input (then the whole network backpropagates)."""
+    return any(m in GRADIENT_METHODS or m == "guided-gradcam" for m in methods)
+
+
+def _trainable(module: nn.Module) -> bool:
+    """Whether some parameter requires grad, so that the layer's output has a graph without
+    the input's."""
+    return any(p.requires_grad for p in module.parameters())
 
 
 def _gradients(fp: ForwardPass, score: torch.Tensor, rule: str,
                wrt: list[torch.Tensor]) -> list[torch.Tensor]:
     """dS/d``wrt`` under a backward rule, detached; zeros when S does not depend on the image
     (no box of the label left above the IoU threshold)."""
+    if not wrt:
+        return []
     if not score.requires_grad:
         return [torch.zeros_like(t) for t in wrt]
     return [g.detach() for g in fp.gradients(score, rule, wrt)]
