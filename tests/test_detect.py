@@ -124,10 +124,12 @@ def test_maps_of_a_detection_by_hand(levels: int) -> None:
     found = explain_detections(net, x, "backbone", ["gradcam", "vanilla", "eigencam", "guided-gradcam"],
                                score_threshold=0.0, max_detections=3)
     guided = explain_detections(net, x, "backbone", ["guided"], score_threshold=0.0, max_detections=3)
-    assert torch.allclose(found.maps["guided-gradcam"], guided.maps["guided"] * found.maps["gradcam"])
+    for k in range(3):  # guided backprop times Grad-CAM at the image's size
+        product = guided.maps["guided"][k] * found.map("gradcam", k)
+        assert torch.allclose(found.maps["guided-gradcam"][k], product)
     assert not torch.allclose(guided.maps["guided"], found.maps["vanilla"])
     output, kept, xx = by_hand(net, x)
-    assert len(found.labels) == 3 and found.maps["gradcam"].shape == (3, 1, 48, 64)
+    assert len(found.labels) == 3 and found.maps["gradcam"].shape == (3, 1, 64, 85)  # the resized image
     order = output["scores"].argsort(descending=True, stable=True)[:3].tolist()
     for k, d in enumerate(order):
         assert torch.allclose(found.boxes[k], output["boxes"][d].detach())
@@ -135,14 +137,14 @@ def test_maps_of_a_detection_by_hand(levels: int) -> None:
         *grads, gx = torch.autograd.grad(output["scores"][d], [*kept, xx], retain_graph=True)
         expected = hand_gradcam(kept, grads, (64, 96), (64, 85), (48, 64))
         assert expected.max() > 0
-        assert torch.allclose(found.maps["gradcam"][k, 0], expected, atol=1e-5 * float(expected.max()))
+        assert torch.allclose(found.map("gradcam", k)[0], expected, atol=1e-5 * float(expected.max()))
         assert torch.allclose(found.maps["vanilla"][k], gx, atol=1e-6 * float(gx.abs().max()))
     # Eigen-CAM needs no gradient: every map counts (a box's gradient reaches only the map its
     # box was pooled from), so it shows the fold: each map's own Eigen-CAM, summed
     each = [cam("eigencam", a.detach(), None, (64, 96), Layout("nchw", tuple(a.shape[-2:]))) for a in kept]
     assert all(float(e.max()) > 0 for e in each)
     eigen = F.interpolate(sum(each)[..., :64, :85], size=(48, 64), mode="bilinear", align_corners=False)[0]
-    assert torch.allclose(found.maps["eigencam"][0], eigen, atol=1e-6 * float(eigen.max()))
+    assert torch.allclose(found.map("eigencam", 0), eigen, atol=1e-6 * float(eigen.max()))
 
 
 def test_the_detector_is_left_as_it_was() -> None:
@@ -178,7 +180,7 @@ def test_gradcam_equals_pytorch_grad_cam_with_its_box_target() -> None:
             for k in shown:
                 target = FasterRCNNBoxScoreTarget([found.labels[k]], [found.boxes[k].numpy()])
                 theirs = cam(input_tensor=x[None], targets=[target])[0]
-                ours = found.maps["gradcam"][k, 0].numpy()
+                ours = found.map("gradcam", k)[0].numpy()
                 assert theirs.shape == ours.shape
                 differences.append(float(np.abs(normalised(ours) - normalised(theirs)).max()))
     assert max(differences) < 1e-4, differences

@@ -151,13 +151,24 @@ def thresholded(module: nn.Module, threshold: float) -> Iterator[None]:
 
 @dataclass
 class Detections:
-    """One image's explained detections and their maps ({method: DxCxHxW}, D detections)."""
+    """One image's explained detections and their maps ({method: DxCxhxw}, D detections): a
+    CAM at the size the detector resized the image to (a 12-megapixel photo's map would be
+    48 MB a detection at the photo's size), an input-gradient map at the image's own size;
+    ``map`` gives either at the image's size."""
 
     boxes: torch.Tensor     # Dx4, x0 y0 x1 y1 in the image's pixels
     labels: list[int]
     scores: list[float]
     explained: list[float]  # S_d
     maps: dict[str, torch.Tensor]
+    size: tuple[int, int]   # the image's height and width
+
+    def map(self, method: str, d: int) -> torch.Tensor:
+        """Detection ``d``'s map of ``method`` at the image's size (CxHxW), resized bilinearly."""
+        values = self.maps[method][d:d + 1]
+        if tuple(values.shape[-2:]) != self.size:
+            values = F.interpolate(values, size=self.size, mode="bilinear", align_corners=False)
+        return values[0]
 
 
 def explain_detections(module: nn.Module, image: torch.Tensor, layer: str, methods: Sequence[str],
@@ -178,8 +189,7 @@ def explain_detections(module: nn.Module, image: torch.Tensor, layer: str, metho
 
     def frame(_m: nn.Module, _i: object, out: tuple) -> None:
         images = out[0]  # the transform's ImageList: the padded batch, each image's resized size
-        sizes.append(ImageSize(tuple(images.tensors.shape[-2:]), tuple(images.image_sizes[0]),
-                               tuple(image.shape[-2:])))
+        sizes.append(ImageSize(tuple(images.tensors.shape[-2:]), tuple(images.image_sizes[0])))
 
     handles = [find_layer(module, layer).register_forward_hook(keep),
                module.transform.register_forward_hook(frame)]
@@ -202,7 +212,7 @@ def explain_detections(module: nn.Module, image: torch.Tensor, layer: str, metho
     maps = {m: torch.cat([r[1][m] for r in rows]) if rows else x.new_zeros(0, 1, *x.shape[1:])
             for m in methods}
     return Detections(output["boxes"][chosen].detach(), output["labels"][chosen].tolist(),
-                      output["scores"][chosen].tolist(), [r[0] for r in rows], maps)
+                      output["scores"][chosen].tolist(), [r[0] for r in rows], maps, tuple(x.shape[1:]))
 
 
 def _chosen(output: dict[str, torch.Tensor], threshold: float, most: int,
@@ -234,7 +244,8 @@ def _maps(fp: ForwardPass, kept: list[torch.Tensor], size: ImageSize, output: di
     if "guided-gradcam" in methods:
         guided = maps["guided"] if "guided" in maps else _gradients(fp, score, "guided", [fp.inputs])[0][None]
         gradcam = maps["gradcam"] if "gradcam" in maps else folded("gradcam", kept, grads, size)
-        maps["guided-gradcam"] = guided_gradcam(guided, gradcam)
+        at_input = F.interpolate(gradcam, size=guided.shape[-2:], mode="bilinear", align_corners=False)
+        maps["guided-gradcam"] = guided_gradcam(guided, at_input)
     return float(score.detach()), maps
 
 
@@ -263,29 +274,23 @@ def _gradients(fp: ForwardPass, score: torch.Tensor, rule: str,
 def folded(method: str, activations: list[torch.Tensor], gradients: list[torch.Tensor] | None,
            size: ImageSize) -> torch.Tensor:
     """A CAM over several feature maps: each one's CAM (ReLU'd, upsampled to the padded batch
-    the maps are of), summed, then the padding cut off and the rest brought to the image."""
+    the maps are of), summed, with the padding cut off: the map of the resized image."""
     total = None
     for level, acts in enumerate(activations):
         layout = Layout("nchw", tuple(acts.shape[-2:]))
         grads = None if gradients is None else gradients[level]
         one = cam(method, acts.detach(), grads, size.padded, layout)
         total = one if total is None else total + one
-    return size.back(total)
+    return total[..., :size.resized[0], :size.resized[1]]
 
 
 @dataclass(frozen=True)
 class ImageSize:
-    """Where a detector's maps lie: the ``padded`` batch they are of, the ``resized`` image at
-    its top left, and the ``original`` image's size (each height, width)."""
+    """Where a detector's maps lie: the ``padded`` batch they are of and the ``resized`` image
+    at its top left (each height, width)."""
 
     padded: tuple[int, int]
     resized: tuple[int, int]
-    original: tuple[int, int]
-
-    def back(self, maps: torch.Tensor) -> torch.Tensor:
-        """Nx1 maps at the padded size without the padding, bilinearly at the original size."""
-        inside = maps[..., :self.resized[0], :self.resized[1]]
-        return F.interpolate(inside, size=self.original, mode="bilinear", align_corners=False)
 
 
 
@@ -334,7 +339,7 @@ class DetectJob(Task):
             label, score = found.labels[d], found.scores[d]
             name = names[label] if label < len(names) else f"class {label}"
             where = folder / f"d{d + 1}-c{label:0{width}d}-{slug(name)}"
-            pictures = [drawn_box(map_image(m, found.maps[m][d], photo), box) for m in self.methods]
+            pictures = [drawn_box(map_image(m, found.map(m, d), photo), box) for m in self.methods]
             files = {m: str(atomic_write(where / f"{m}.png", png_bytes(p)))
                      for m, p in zip(self.methods, pictures, strict=True)}
             detections.append({"rank": d + 1, "class_id": label, "name": name, "score": round(score, 6),
