@@ -287,6 +287,17 @@ model_options = option_group(
     unsafe_option, cuda_option, preprocess_options,
 )
 
+detector_options = option_group(  # a detector's own transform resizes and normalises: no preprocessing
+    click.option("--arch", required=True, metavar="NAME",
+                 help="A torchvision detector (`gradcam architectures --task detect`)."),
+    weights_option,
+    click.option("--num-classes", type=click.IntRange(min=1),
+                 help="Classes of a checkpoint's head when not COCO's 91."),
+    click.option("--labels", type=click.Path(dir_okay=False),
+                 help="Class names, one per line, for a checkpoint's head."),
+    unsafe_option, cuda_option,
+)
+
 embedder_options = option_group(
     arch_option, weights_option,
     click.option("--embedding-dim", type=click.IntRange(min=1), metavar="D",
@@ -1176,7 +1187,7 @@ def _print_segmented(record: dict) -> None:
 
 
 @main.command(epilog=EXIT_CODES)
-@model_options
+@detector_options
 @image_options
 @skip_option
 @click.option("--score-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
@@ -1199,11 +1210,6 @@ def detect(arch: str, weights: str, num_classes: int | None, labels: str | None,
     from .tasks.detect import DETECT_DEFAULT, check_methods
     from .tasks.detect import detect as detect_images
 
-    given = click.get_current_context().meta.get(PREPROCESS, {})
-    if given:
-        flag = FLAGS.get(next(iter(given)), "--preprocess")
-        raise UsageError(f"{flag}: detectors resize and normalise with their own transform; leave "
-                         "the preprocessing options out")
     methods = methods or DETECT_DEFAULT
     check_methods(methods)
 

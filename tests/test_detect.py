@@ -238,7 +238,7 @@ def test_cli_class_filter_and_threshold(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "said"), [
-    (["--input-size", "64"], "--input-size: detectors resize"),
+    (["--input-size", "64"], "No such option '--input-size'"),
     (["--method", "scorecam"], "--method scorecam: not available for detection"),
     (["--arch", "resnet18"], "--arch resnet18: unknown detection architecture"),
 ])
