@@ -17,7 +17,6 @@ import pytorch_grad_cam as pgc
 import torch
 import torch.nn.functional as F
 import torchvision
-from click.testing import CliRunner
 from PIL import Image
 from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
 from torch import nn
@@ -25,7 +24,6 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
 
-from gradcam_cli.cli import main
 from gradcam_cli.errors import ArgumentError
 from gradcam_cli.layout import Layout
 from gradcam_cli.methods import cam
@@ -33,6 +31,7 @@ from gradcam_cli.models import DETECTORS, load_detector
 from gradcam_cli.tasks.detect import box_score, explain_detections
 
 from .conftest import make_image
+from .test_cli import run
 
 FAST = "fasterrcnn_mobilenet_v3_large_320_fpn"  # the quickest torchvision detector
 BASE = ["detect", "--arch", FAST, "--weights", "none", "--no-cuda", "--score-threshold", "0",
@@ -187,13 +186,6 @@ def normalised(a: np.ndarray) -> np.ndarray:
     """Min-max to [0, 1]."""
     a = a - a.min()
     return a / a.max()
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
 
 
 def test_cli_writes_maps_grid_and_record_and_resumes(tmp_path: Path) -> None:
