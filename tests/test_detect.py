@@ -10,6 +10,7 @@ import urllib.error
 import warnings
 from collections import OrderedDict
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -208,6 +209,10 @@ def test_cli_writes_maps_grid_and_record_and_resumes(tmp_path: Path) -> None:
         for path in d["maps"].values():
             assert Image.open(path).size == (160, 120)
     assert Image.open(good["grid"]).size[1] > 2 * 120  # a title and a row per detection
+    page = (out / "index.html").read_text()  # the run's page lists each detection with its maps
+    for d in good["detections"]:
+        assert f">{d['name']}</span>" in page
+        assert f'href="{quote(str(Path(d["maps"]["gradcam"]).relative_to(out)))}"' in page
     code, stdout, _ = run(*BASE, "--image-path", str(image), "--method", "gradcam,eigencam,vanilla",
                           "--output-dir", str(out), "--skip-existing")
     assert code == 0 and json.loads(stdout)["status"] == "skipped"

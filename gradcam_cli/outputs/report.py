@@ -227,7 +227,7 @@ FILES = (("grid", "grid"), ("video", "clip"), ("frames_file", "frames"), ("curve
 def row(key: str, record: dict) -> Row:
     """The table row of one image: name, task, classes with maps, files; or its failure."""
     failed = record.get("status") == "error"
-    classes = [] if failed else record.get("classes", [])
+    classes = [] if failed else record.get("classes") or record.get("detections", [])  # detect's rows
     top = classes[0] if classes else {}
     value = _score(top)[1] if top else None
     names = [shown(c.get("name", "")) for c in classes]
