@@ -290,3 +290,19 @@ def test_failed_download_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> Non
         load_detector(FAST)
     message = str(info.value)
     assert info.value.argument == "weights" and "checkpoint file" in message and "'none'" in message
+
+
+def test_only_the_final_threshold_is_lowered() -> None:
+    """The detections' own threshold (RoIHeads') is lowered for the pass; the RPN's is not:
+    more proposals would give the heads new boxes that can suppress, by NMS, a detection the
+    model reports, so the boxes explained would not be the model's."""
+    net = load_detector(FAST, "none").module
+    seen = {}
+    handle = net.roi_heads.register_forward_pre_hook(
+        lambda _m, _i: seen.update(rpn=net.rpn.score_thresh, heads=net.roi_heads.score_thresh))
+    try:
+        explain_detections(net, torch.rand(3, 64, 64), "backbone", ["gradcam"], score_threshold=0.0)
+    finally:
+        handle.remove()
+    assert seen == {"rpn": 0.05, "heads": 0.0}
+    assert (net.rpn.score_thresh, net.roi_heads.score_thresh) == (0.05, 0.05)

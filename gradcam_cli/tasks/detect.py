@@ -30,8 +30,9 @@ padded size, the padding cut off and the rest resized to the original image, so 
 pictures are in the original image's pixels (pytorch-grad-cam stretches the padded map over the
 image, shifting it by up to the padding's share: 22 of 448 columns for a 4:3 photo at 320).
 
-The model's internal score threshold is lowered to ``score_threshold`` for the pass when it is
-higher (and restored), so the threshold given is the one that counts.
+The model's own threshold for its detections is lowered to ``score_threshold`` for the pass
+when it is higher (and restored), so the threshold given is the one that counts; the RPN's is
+left alone (``thresholded``).
 
 Output layout, one folder per image::
 
@@ -54,6 +55,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
 from torch import nn
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import box_iou
 
 from ..engine import ForwardPass, evaluating
@@ -72,7 +74,7 @@ DETECT_DEFAULT = ("gradcam", "eigencam")  # one backward pass per detection (Eig
 IOU_THRESHOLD = 0.5     # pytorch-grad-cam's: a box must overlap the explained one more than this
 GRID_SIDE = 480         # pixels: the longer side of a picture in the grid (files keep the image's)
 BOX_COLOUR = (0, 255, 0)
-THRESHOLDS = ("score_thresh", "box_score_thresh")  # where torchvision detectors keep theirs
+THRESHOLDS = ("score_thresh",)  # the attribute torchvision's detectors (or their RoIHeads) keep it in
 
 
 def check_methods(methods: Sequence[str]) -> None:
@@ -137,9 +139,12 @@ def levels(output: object) -> list[torch.Tensor]:
 
 @contextmanager
 def thresholded(module: nn.Module, threshold: float) -> Iterator[None]:
-    """Lower the detector's own score threshold to ``threshold`` for a pass, if it is higher."""
+    """Lower the detector's own score threshold for its detections to ``threshold`` for a pass,
+    if it is higher. Not the RPN's: more proposals would give the heads new boxes that can
+    suppress, by NMS, a detection the model reports; a lower final threshold only adds boxes
+    below the ones it reports (NMS keeps the higher score, the count is cut by score)."""
     owners = [(m, name, getattr(m, name)) for m in module.modules() for name in THRESHOLDS
-              if isinstance(getattr(m, name, None), float)]
+              if isinstance(getattr(m, name, None), float) and not isinstance(m, RegionProposalNetwork)]
     try:
         for m, name, value in owners:
             setattr(m, name, min(value, threshold))
