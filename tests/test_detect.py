@@ -306,3 +306,17 @@ def test_only_the_final_threshold_is_lowered() -> None:
         handle.remove()
     assert seen == {"rpn": 0.05, "heads": 0.0}
     assert (net.rpn.score_thresh, net.roi_heads.score_thresh) == (0.05, 0.05)
+
+
+def test_a_layer_after_frozen_weights_still_gets_its_gradient() -> None:
+    """Pretrained torchvision detectors freeze their first layers (requires_grad False): a CAM
+    at such a layer, asked for without an input-gradient map, equals the one computed beside
+    vanilla backprop (whose input gradient puts the layer in the graph anyway)."""
+    net = tiny_detector(1)
+    net.backbone[0].requires_grad_(False)
+    x = torch.rand(3, 48, 64, generator=torch.Generator().manual_seed(1))
+    alone = explain_detections(net, x, "backbone.0", ["gradcam"], score_threshold=0.0, max_detections=2)
+    beside = explain_detections(net, x, "backbone.0", ["gradcam", "vanilla"], score_threshold=0.0,
+                                max_detections=2)
+    assert float(beside.maps["gradcam"].max()) > 0
+    assert torch.allclose(alone.maps["gradcam"], beside.maps["gradcam"])

@@ -185,7 +185,10 @@ def explain_detections(module: nn.Module, image: torch.Tensor, layer: str, metho
     kept: list[torch.Tensor] = []
 
     def keep(_m: nn.Module, _i: object, out: object) -> object:
-        maps = levels(out)
+        # a map after frozen weights (pretrained detectors' first layers) and an input without
+        # grad has no graph: it becomes a leaf that does, so the backward passes reach it
+        maps = [m.detach().requires_grad_() if torch.is_grad_enabled() and not m.requires_grad else m
+                for m in levels(out)]
         kept.extend(maps)
         copies = [m.clone() for m in maps]  # an in-place op downstream must not change what is kept
         return copies[0] if isinstance(out, torch.Tensor) else type(out)(zip(out.keys(), copies, strict=True))
@@ -201,7 +204,7 @@ def explain_detections(module: nn.Module, image: torch.Tensor, layer: str, metho
     try:
         graph = any(m != "eigencam" for m in methods)  # Eigen-CAM alone needs no backward pass
         with evaluating(module), thresholded(module, score_threshold), torch.set_grad_enabled(graph):
-            x = image.detach().requires_grad_(graph and (_input_gradient(methods) or not _trainable(module)))
+            x = image.detach().requires_grad_(graph and _input_gradient(methods))
             output = module([x])[0]
     finally:
         for handle in handles:
@@ -257,12 +260,6 @@ def _maps(fp: ForwardPass, kept: list[torch.Tensor], size: ImageSize, output: di
 def _input_gradient(methods: Sequence[str]) -> bool:
     """Whether a method needs the gradient at the input (then the whole network backpropagates)."""
     return any(m in GRADIENT_METHODS or m == "guided-gradcam" for m in methods)
-
-
-def _trainable(module: nn.Module) -> bool:
-    """Whether some parameter requires grad, so that the layer's output has a graph without
-    the input's."""
-    return any(p.requires_grad for p in module.parameters())
 
 
 def _gradients(fp: ForwardPass, score: torch.Tensor, rule: str,
