@@ -1,9 +1,10 @@
-"""Measuring helpers shared by the benchmark scripts: median wall time and added memory."""
+"""Measuring helpers shared by the benchmark scripts: the CPU, median wall time and added memory."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -11,6 +12,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The CPU's model name (ratios differ between CPU kinds: every table says which it is)."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")),
+                platform.processor() or platform.machine())
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:

@@ -22,7 +22,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from common import median_time
+from common import cpu_model, median_time
 
 HERE = Path(__file__).resolve().parent
 PEER_IMPORTS = {"pytorch-grad-cam": "import pytorch_grad_cam",
@@ -32,17 +32,14 @@ PEER_IMPORTS = {"pytorch-grad-cam": "import pytorch_grad_cam",
 
 def machine() -> str:
     """CPU, cores and the versions of everything measured."""
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    cpu = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")),
-               platform.processor())
     packages = []
     for name in ("gradcam", "torch", "torchvision", "grad-cam", "torchcam", "captum"):
         try:
             packages.append(f"{name} {version(name)}")
         except PackageNotFoundError:
             packages.append(f"{name} (not installed)")
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}; " + ", ".join(packages)
+    python = f"Python {platform.python_version()}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {python}; " + ", ".join(packages)
 
 
 def wall(command: list[str], repeats: int) -> float:
@@ -62,8 +59,8 @@ def startup(repeats: int) -> None:
 
 
 def run(script: str, *args: str) -> None:
-    """Run one benchmark script, its output going straight to ours."""
-    print(f"\n$ python benchmarks/{script} {' '.join(args)}", flush=True)
+    """Run one benchmark script, its output going straight to ours, headed by the CPU it ran on."""
+    print(f"\n$ python benchmarks/{script} {' '.join(args)}    # on {cpu_model()}", flush=True)
     subprocess.run([sys.executable, str(HERE / script), *args], check=True)
 
 

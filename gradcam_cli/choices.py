@@ -13,3 +13,4 @@ IG_BASELINES = ("black", "blur", "mean")         # Integrated Gradients' path st
 IG_RULES = ("gausslegendre", "riemann-trapezoid")  # captum's gausslegendre and riemann_trapezoid
 SMOOTH_TYPES = ("smoothgrad", "smoothgrad-sq", "vargrad")  # captum NoiseTunnel's nt_type
 CAM_FUSIONS = ("mean", "max")                    # how classify fuses several layers' CAMs
+PRECISIONS = ("fp32", "bf16", "fp16")            # of the explained forward passes (fp16: CUDA)

@@ -26,6 +26,7 @@ from .choices import (
     INTERPOLATIONS,
     OCCLUSION_BORDERS,
     OCCLUSION_FILLS,
+    PRECISIONS,
     PROXY_KINDS,
     RESIZES,
     SIMILARITIES,
@@ -165,6 +166,7 @@ FLAGS = {  # library argument -> the option that sets it
     "save_maps": "--save-maps", "overlay": "--overlay", "colormap": "--colormap", "alpha": "--alpha",
     "region": "--region", "region_mask": "--region-mask",
     "score_threshold": "--score-threshold", "max_detections": "--max-detections",
+    "precision": "--precision",
     "videos": "--video", "every": "--every", "video_ext": "--video-ext", "method": "--video-method",
 }
 
@@ -492,15 +494,22 @@ def cam_settings(methods: tuple[str, ...], options: dict) -> CamSettings:
 
 def method_settings(methods: tuple[str, ...], options: dict) -> MethodSettings:
     """Every method option (taken out of ``options``) as one ``MethodSettings``, checked once."""
+    from .precision import Precision
     from .settings import MethodSettings
     return MethodSettings(occlusion=occlusion_settings(methods, options),
                           rise=rise_settings(methods, options),
                           ig=path_settings(methods, options),
                           smooth=smooth_settings(methods, options),
-                          cam=cam_settings(methods, options))
+                          cam=cam_settings(methods, options),
+                          precision=Precision(options.pop("precision")))
 
 
-method_options = option_group(occlusion_options, rise_options, path_options, smooth_options, cam_options)
+precision_option = click.option(
+    "--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+    help="The explained passes' precision: bf16 (CPU or CUDA) or fp16 (CUDA) run the model under "
+         "autocast; the maps are still computed in fp32 (README: Precision).")
+method_options = option_group(occlusion_options, rise_options, path_options, smooth_options, cam_options,
+                              precision_option)
 
 
 def check_colours(_ctx: click.Context, param: click.Parameter, value: str | float) -> str | float:

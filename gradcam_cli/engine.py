@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import ArgumentTypeError
+from .precision import forward_precision, widened
 
 RULES = ("plain", "guided", "deconv")
 Grads = tuple[torch.Tensor | None, ...]
@@ -80,6 +81,14 @@ def logits_of(output: object) -> torch.Tensor:
                             "or list starting with one, nor a dict or ModelOutput with 'logits'")
 
 
+def run_model(module: nn.Module, *args: object) -> torch.Tensor:
+    """The module's logits for ``args``, its forward pass in the running precision
+    (``precision.Precision.autocasting``), half-precision logits widened to float32."""
+    with forward_precision():
+        output = module(*args)
+    return widened(logits_of(output))
+
+
 @contextmanager
 def evaluating(module: nn.Module) -> Iterator[nn.Module]:
     """Put every submodule in eval mode and give each its own training flag back afterwards."""
@@ -106,7 +115,8 @@ class ForwardPass:
 
     def gradients(self, score: torch.Tensor, rule: str,
                   wrt: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Backpropagate ``score`` under ``rule`` to the tensors ``wrt`` (input, layer outputs)."""
+        """Backpropagate ``score`` under ``rule`` to the tensors ``wrt`` (input, layer outputs);
+        half-precision gradients widened to float32."""
         hook = _RULE_HOOKS.get(rule)
         if hook is None and rule != "plain":
             raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(RULES)}")
@@ -116,7 +126,7 @@ class ForwardPass:
         finally:
             for h in handles:
                 h.remove()
-        return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt, strict=True)]
+        return [widened(torch.zeros_like(t) if g is None else g) for g, t in zip(grads, wrt, strict=True)]
 
 
 @contextmanager
@@ -142,7 +152,7 @@ def forward_pass(module: nn.Module, inputs: torch.Tensor, layers: dict[str, nn.M
     try:
         with evaluating(module), torch.set_grad_enabled(graph):
             x = inputs.detach().requires_grad_(graph)
-            logits = logits_of(module(x))
+            logits = run_model(module, x)
             yield ForwardPass(x, logits, activations)
     finally:
         for h in handles:

@@ -20,6 +20,7 @@ from .errors import ArgumentError, ArgumentTypeError, UsageError, unknown
 from .layout import Layout, to_nchw
 from .models import find_layer, layer_layout
 from .occlusion import OcclusionSettings, occlusion_maps
+from .precision import widened
 from .rise import RiseSettings, draw, rise_maps
 from .settings import MethodSettings, check_settings
 from .targets import Chooser, Target, top_classes
@@ -119,10 +120,19 @@ def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str
                    settings: MethodSettings | None = None) -> list[Explanation]:
     """``explain`` for several layers at once: the forward pass and each class's backward
     passes are shared, so gradient CAMs for every layer cost no more passes than for one
-    (and layer-independent maps are computed once)."""
+    (and layer-independent maps are computed once). With ``settings.precision`` bf16 or fp16
+    every forward pass runs under autocast and the maps are computed in float32."""
     check_methods(methods)
     settings = check_settings(settings)
-    choose = target or top_classes(topk, class_ids)
+    with settings.precision.autocasting(inputs.device):
+        return _explained(module, inputs, layers, target or top_classes(topk, class_ids), methods,
+                          batch_size, progress, settings)
+
+
+def _explained(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str], choose: Chooser,
+               methods: Sequence[str], batch_size: int, progress: bool,
+               settings: MethodSettings) -> list[Explanation]:
+    """``explain_layers`` once its arguments are checked and its precision set."""
     modules = {name: find_layer(module, name) for name in layers}
     layouts = {name: layer_layout(module, name, inputs) for name in layers}
     biases = FG.bias_layers(module) if "fullgrad" in methods else {}
@@ -142,7 +152,7 @@ def explain_layers(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str
                 if biases else None)
         errors = _errors(list(dead), layers, len(inputs))
         gates = len(fp.gates) if {"guided", "deconv", "guided-gradcam"} & set(methods) else None
-        acts = {name: fp.activations[name].detach() for name in layers}
+        acts = {name: widened(fp.activations[name].detach()) for name in layers}
         outputs = fp.logits.detach()
     del fp, scores  # the graph's saved activations must not stay under the perturbation passes' peak
     size = tuple(inputs.shape[-2:])
@@ -275,7 +285,7 @@ def _explain_class(fp: ForwardPass, scores: torch.Tensor, layers: Sequence[str],
             inputs["vanilla"] = grads.pop(0)
         for name, layer_grads in zip(layers if cams else [], grads, strict=True):
             dead[name] = _zero_gradient(layer_grads, layouts[name])
-            acts = fp.activations[name].detach()
+            acts = widened(fp.activations[name].detach())
             maps.update({(name, m): M.cam(m, acts, layer_grads, size, layouts[name], eigen_smooth)
                          for m in cams})
     for method in ("guided", "deconv"):

@@ -40,10 +40,11 @@ from torch import nn
 from . import local
 from .choices import OCCLUSION_BORDERS as BORDERS
 from .choices import OCCLUSION_FILLS as FILLS
-from .engine import logits_of
+from .engine import run_model
 from .errors import ArgumentError, ArgumentTypeError, unknown
 from .metrics import baseline_of
 from .perturb import chunks
+from .precision import reduced
 from .targets import Target
 
 
@@ -131,11 +132,12 @@ def window_drops(fast: nn.Module, image: torch.Tensor, target: Target, i: int, p
 
     def full(chunk: torch.Tensor) -> torch.Tensor:
         covered = _window_masks(windows[chunk], patch, x.shape[-2:]).to(x.device)
-        return logits_of(fast(torch.where(covered, fill, x)))
+        return run_model(fast, torch.where(covered, fill, x))
     with torch.inference_mode():
         with local.counting(fast) as macs:
             base = target.score(_logits(fast, x, settings), i).float()
-        plan = local.Reuse.build(fast, x, fill, windows, patch, sum(macs)) if reuse else None
+        exact = reuse and not reduced()  # a half-precision pass is not reproduced box by box
+        plan = local.Reuse.build(fast, x, fill, windows, patch, sum(macs)) if exact else None
         passes = plan.logits if plan is not None and _agrees(plan, full, len(windows)) else full
         scores = [target.score(passes(chunk), i).float()
                   for chunk in chunks(torch.arange(len(windows)), batch_size, f"occlusion {patch}", progress)]
@@ -182,7 +184,7 @@ def _framed(image: torch.Tensor, patch: int,
 def _logits(fast: nn.Module, x: torch.Tensor, settings: OcclusionSettings) -> torch.Tensor:
     """The unoccluded input's logits; a padded input the model cannot take is refused."""
     try:
-        return logits_of(fast(x))
+        return run_model(fast, x)
     except (RuntimeError, AssertionError, ValueError) as exc:  # how models refuse a size they lack
         if settings.border == "edge":
             raise

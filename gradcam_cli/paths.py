@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .choices import IG_BASELINES, IG_RULES, SMOOTH_TYPES
-from .engine import evaluating, forward_pass, logits_of
+from .engine import evaluating, forward_pass, run_model
 from .errors import ArgumentError, ArgumentTypeError, unknown
 from .metrics import baseline_of
 from .perturb import chunks, inference_copy
@@ -231,8 +231,8 @@ def _scores(module: nn.Module, base: torch.Tensor, target: Target, batch_size: i
     inputs = base if outputs is not None else torch.cat([base, x])
     rows = torch.arange(len(x)).repeat(len(inputs) // len(x))
     with torch.inference_mode(), evaluating(module):
-        scores = torch.cat([rows_of(target, rows[chunk]).score(logits_of(module(
-            inputs[chunk].contiguous(memory_format=torch.channels_last)))).float()
+        scores = torch.cat([rows_of(target, rows[chunk]).score(run_model(
+            module, inputs[chunk].contiguous(memory_format=torch.channels_last))).float()
             for chunk in torch.arange(len(inputs)).split(max(1, batch_size))])
     if outputs is not None:
         return scores, target.score(outputs).float()

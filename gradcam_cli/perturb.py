@@ -24,7 +24,7 @@ from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 from tqdm import tqdm
 
-from .engine import evaluating, logits_of
+from .engine import evaluating, logits_of, run_model
 from .layout import Layout, to_nchw
 from .methods import upsample
 
@@ -51,13 +51,13 @@ def score_logits(fast: nn.Module, image: torch.Tensor, activations: torch.Tensor
     rows: dict[int, torch.Tensor] = {}
     with torch.inference_mode():
         if len(constant):  # an all-zero mask: one pass serves every constant channel
-            blank = logits_of(fast(torch.zeros_like(image)))[0]
+            blank = run_model(fast, torch.zeros_like(image))[0]
             rows.update({int(c): blank for c in constant})
         for chunk in chunks(varying, batch_size, "scorecam", progress):
             masks = upsample(acts[chunk], tuple(image.shape[-2:]))    # B x 1 x H x W
             low = masks.amin(dim=(2, 3), keepdim=True)
             masks = (masks - low) / (masks.amax(dim=(2, 3), keepdim=True) - low)
-            rows.update(zip(chunk.tolist(), logits_of(fast(image * masks)), strict=True))
+            rows.update(zip(chunk.tolist(), run_model(fast, image * masks), strict=True))
     return torch.stack([rows[c] for c in range(len(acts))]).float()
 
 
@@ -127,7 +127,7 @@ def _run_with_output(module: nn.Module, layer: nn.Module, image: torch.Tensor,
                      output: torch.Tensor) -> torch.Tensor:
     """Run ``module`` with ``layer`` returning ``output`` (a batch) instead of computing."""
     with _forwards({layer: lambda *_a, **_k: output}):
-        return logits_of(module(image))
+        return run_model(module, image)
 
 
 @contextmanager
@@ -189,7 +189,7 @@ def replayed_prefix(module: nn.Module, layer: nn.Module,
 
     handles = [m.register_forward_hook(record) for m in module.modules() if m is not module]
     try:
-        logits = logits_of(module(image))
+        logits = run_model(module, image)
     finally:
         for h in handles:
             h.remove()

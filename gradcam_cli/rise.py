@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .choices import OCCLUSION_FILLS as BACKGROUNDS
-from .engine import logits_of
+from .engine import run_model
 from .errors import ArgumentError, ArgumentTypeError, unknown
 from .metrics import baseline_of
 from .perturb import chunks
@@ -135,7 +135,7 @@ def rise_maps(fast: nn.Module, inputs: torch.Tensor, target: Target, settings: R
             masks = masks_of(grids[chunk], shifts[chunk], settings.cell, size).to(inputs.device)
             for i, (image, background) in enumerate(zip(inputs, backgrounds, strict=True)):
                 copies = torch.lerp(background[None], image[None], masks)
-                scores = target.score(logits_of(fast(copies)), i).float()     # B x K
+                scores = target.score(run_model(fast, copies), i).float()     # B x K
                 sums[i] += (scores.T @ masks.flatten(1)).view(k, *size).double()
                 totals[i] += scores.sum(dim=0).double()
     mean = totals / settings.n_masks

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from .errors import ArgumentTypeError
 from .occlusion import OcclusionSettings
 from .paths import PathSettings, SmoothSettings
+from .precision import Precision
 from .refine import CamSettings
 from .rise import RiseSettings
 
@@ -27,6 +28,7 @@ class MethodSettings:
     ig: PathSettings = field(default_factory=PathSettings)
     smooth: SmoothSettings = field(default_factory=SmoothSettings)
     cam: CamSettings = field(default_factory=CamSettings)
+    precision: Precision = field(default_factory=Precision)  # of the explained forward passes
 
     def __post_init__(self) -> None:
         """Refuse a field of the wrong kind, naming it."""
