@@ -29,10 +29,11 @@ setup(
         "safetensors": ["safetensors>=0.3"],
         "timm": ["timm>=1.0"],          # --arch timm/NAME
         "hf": ["transformers>=5.0"],    # --arch hf/PATH_OR_ID
+        "ray": ["ray[data]>=2.40"],     # --ray: batches on a Ray cluster (gradcam_cli.cluster)
         # torchcam pinned: tests/test_methods_torchcam.py reproduces 0.5.0's own conventions;
         # 0.5.0 needs Python >= 3.11, so .ci/lowest-python (3.10) runs every test file but that one
         "test": ["pytest>=7", "captum>=0.7", "grad-cam>=1.5", "torchcam==0.5.0; python_version >= '3.11'",
-                 "safetensors>=0.3", "timm>=1.0", "transformers>=5.0",
+                 "safetensors>=0.3", "timm>=1.0", "transformers>=5.0", "ray[data]>=2.40",
                  "scipy>=1.8", "ruff>=0.4"],
         "bench": ["captum>=0.7", "grad-cam>=1.5", "torchcam>=0.4"],
     },

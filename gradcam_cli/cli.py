@@ -11,7 +11,7 @@ from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 from tqdm import tqdm
@@ -166,7 +166,8 @@ FLAGS = {  # library argument -> the option that sets it
     "save_maps": "--save-maps", "overlay": "--overlay", "colormap": "--colormap", "alpha": "--alpha",
     "region": "--region", "region_mask": "--region-mask",
     "score_threshold": "--score-threshold", "max_detections": "--max-detections",
-    "precision": "--precision",
+    "precision": "--precision", "ray": "--ray", "workers": "--workers",
+    "cpus_per_worker": "--cpus-per-worker", "gpus_per_worker": "--gpus-per-worker",
     "videos": "--video", "every": "--every", "video_ext": "--video-ext", "method": "--video-method",
 }
 
@@ -334,6 +335,34 @@ image_options = option_group(
     click.option("--progress/--quiet", default=None,
                  help="Progress bar on stderr (default: when stderr is a terminal)."),
 )
+
+
+cluster_options = option_group(
+    click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+                 help="Explain the batches on a Ray cluster (pip install 'gradcam[ray]'): alone, a "
+                      "local one; 'auto', the running cluster; or its address. Same files and records."),
+    click.option("--workers", type=click.IntRange(min=1), metavar="N",
+                 help="With --ray: actors, each loading the model once (default: one per CPU, or "
+                      "per --gpus-per-worker of the GPUs)."),
+    click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), metavar="C",
+                 help="With --ray: CPUs per actor, also its torch threads (default 1)."),
+    click.option("--gpus-per-worker", type=click.FloatRange(min=0), metavar="G",
+                 help="With --ray: GPUs per actor, e.g. 1, or 0.5 for two actors per GPU (default 0)."),
+)
+
+
+def cluster_engine(options: dict) -> object | None:
+    """The Ray engine the cluster options ask for (taken out of ``options``), or None."""
+    address, workers = options.pop("ray_address", None), options.pop("workers", None)
+    cpus, gpus = options.pop("cpus_per_worker", None), options.pop("gpus_per_worker", None)
+    if address is None:
+        given = next((flag for flag, v in (("--workers", workers), ("--cpus-per-worker", cpus),
+                                           ("--gpus-per-worker", gpus)) if v is not None), None)
+        if given:
+            raise UsageError(f"{given} applies with --ray")
+        return None
+    from .cluster import RayEngine
+    return RayEngine(address, workers, cpus or 1.0, gpus or 0.0)
 
 
 skip_option = click.option(
@@ -642,6 +671,7 @@ def video_inputs(options: dict) -> VideoInputs:
 @method_option
 @method_options
 @output_options
+@cluster_options
 @video_options
 def classify(arch: str, weights: str, num_classes: int | None, labels: str | None,
              unsafe_load: bool, cuda: bool | None, layer: str | None, layers: str | None,
@@ -657,6 +687,8 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
     settings = method_settings(methods, options)
     names = [n.strip() for n in (layers or "").split(",") if n.strip()]
     videos = video_inputs(options)
+    if options["ray_address"] is not None and (videos.videos or videos.suffixes):
+        raise UsageError("--ray explains images; leave videos (--video, --video-ext) to a run without it")
 
     def start(model: LoadedModel, _items: list) -> Callable[..., Iterator[dict]]:
         chosen = resolve_fused(model, layer, names, settings.cam.fuse)
@@ -683,6 +715,7 @@ def classify(arch: str, weights: str, num_classes: int | None, labels: str | Non
 @click.option("--method", "methods", multiple=True, callback=split_methods,
               help="CAM methods to compute, comma-separated or repeated (default: gradcam).")
 @method_options
+@cluster_options
 @output_options
 def compare_layers(arch: str, weights: str, num_classes: int | None, labels: str | None,
                    unsafe_load: bool, cuda: bool | None, layers: str | None,
@@ -730,6 +763,7 @@ def compare_layers(arch: str, weights: str, num_classes: int | None, labels: str
               help="Also run the cascading model-parameter randomisation test (slow: one "
                    "explanation per block of the network).")
 @method_options
+@cluster_options
 def evaluate(arch: str, weights: str, num_classes: int | None, labels: str | None,
              unsafe_load: bool, cuda: bool | None, layer: str | None, methods: tuple[str, ...],
              topk: int | None, class_ids: tuple[int, ...], steps: int, baseline: str, masks: str | None,
@@ -799,6 +833,7 @@ def _print_evaluated(record: dict) -> None:
 @method_option
 @method_options
 @output_options
+@cluster_options
 @click.pass_context
 def embed(ctx: click.Context, arch: str, weights: str, embedding_dim: int | None,
           unsafe_load: bool, cuda: bool | None, references: tuple[str, ...],
@@ -931,6 +966,9 @@ def run_images(load: Callable[[], LoadedModel],
     in ``output_dir`` are removed before the pipeline starts. Folders and globs also yield the
     files whose suffix is in ``video_ext`` (classify's videos).
     """
+    engine = cluster_engine(pipeline_options)
+    if engine is not None:
+        pipeline_options["engine"] = engine
     paths = [*images, *(read_image_list(image_list) if image_list else [])]
     if not paths:
         raise UsageError("no images: give --image-path PATH or --image-list FILE")
@@ -942,15 +980,16 @@ def run_images(load: Callable[[], LoadedModel],
     show = sys.stderr.isatty() if progress is None else progress
     counts, records, began = Counter(), [], time.perf_counter()
     failure: GradcamError | None = None
+    records_out = sys.stdout  # during the run only the records go there (Ray prints its own news)
 
     def handle(record: dict) -> None:
         say_preprocessing()  # with the first record: every usage error is found by then
         counts[record["status"]] += 1
         records.extend([record] if finish else [])
         bar.update()
-        _print_record(record, as_json, report or _print_table)
+        _print_record(record, as_json, report or _print_table, records_out)
     with stop_on_interrupt() as stop, tqdm(total=len(items), unit="img", disable=not show,
-                                           file=sys.stderr) as bar:
+                                           file=sys.stderr) as bar, redirect_stdout(sys.stderr):
         try:
             every_record(pipeline(model, items, output_dir=output_dir, batch_size=batch_size,
                                   stop=stop, progress=show, **pipeline_options), handle)
@@ -994,16 +1033,17 @@ def _remove_temporaries(output_dir: str) -> None:
                    "interrupted run", err=True)
 
 
-def _print_record(record: dict, as_json: bool, report: Callable[[dict], None]) -> None:
-    """A finished image: its error on stderr; its JSON line, or ``report`` of it, on stdout."""
+def _print_record(record: dict, as_json: bool, report: Callable[[dict], None], stdout: IO[str]) -> None:
+    """A finished image: its error on stderr; its JSON line, or ``report`` of it, on ``stdout``."""
     from .io import json_text
 
     if record["status"] == "error":
         click.echo(f"gradcam: error: {record['error']}", err=True)
     if as_json:
-        click.echo(json_text(record))
+        click.echo(json_text(record), file=stdout)
     elif record["status"] == "ok":
-        report(record)
+        with redirect_stdout(stdout):
+            report(record)
 
 
 class Stop:

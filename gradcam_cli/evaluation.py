@@ -44,7 +44,7 @@ from .models import LoadedModel
 from .paths import completeness_field, with_normalisation
 from .pipeline import resolve_layer
 from .render import line_plot
-from .runner import Item, Loaded, Task, run
+from .runner import Engine, Item, Loaded, Task, run
 from .sanity import cascade
 from .settings import MethodSettings, check_settings
 from .targets import ClassTargets, Scoring, class_targets, top_classes
@@ -78,7 +78,7 @@ def evaluate(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
              class_names: Sequence[str] = (),
              targets: str | Path | Mapping[str, Sequence[int | str]] | None = None,
              score: str | None = None, negative: bool = False,
-             settings: MethodSettings | None = None) -> Iterator[dict]:
+             settings: MethodSettings | None = None, engine: Engine | None = None) -> Iterator[dict]:
     """Yield one record per image with every metric of every explained class and method
     (each occlusion patch size's map is measured as a method of its own, occlusion-P).
 
@@ -90,7 +90,7 @@ def evaluate(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     after each batch. With ``skip_existing`` an image whose summary an earlier run with the
     same settings left is not evaluated again: its record comes back as "skipped", numbers
     included, so the table still covers it. ``write_summary`` turns the records into the
-    averaged table.
+    averaged table. ``engine`` runs the batches elsewhere (``cluster.RayEngine``).
     """
     if baseline not in BASELINES:
         raise unknown("baseline", baseline, BASELINES)
@@ -102,7 +102,7 @@ def evaluate(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     measured = Settings(chosen, methods, steps, baseline, tolerance, sanity, batch_size,
                         with_normalisation(check_settings(settings), model.preprocess))
     task = Evaluation(model, measured, classes, truth, progress)
-    return run(task, images, output_dir, batch_size, skip_existing, stop)
+    return run(task, images, output_dir, batch_size, skip_existing, stop, engine)
 
 
 @dataclass

@@ -39,7 +39,7 @@ from .paths import completeness_field, with_normalisation
 from .proxies import Candidates
 from .refine import fuse, fuse_needs
 from .render import CAM_ALPHA, COLORMAP, check_colours, grid_image, map_image
-from .runner import Item, Loaded, Task, run
+from .runner import Engine, Item, Loaded, Task, run
 from .settings import MethodSettings, check_settings
 from .targets import Chooser, ClassTargets, class_targets, proxy_targets
 
@@ -86,7 +86,7 @@ def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
              score: str | None = None, negative: bool = False,
              settings: MethodSettings | None = None, layers: Sequence[str] = (),
              save_maps: str = "none", overlay: str = "crop", colormap: str = COLORMAP,
-             alpha: float = CAM_ALPHA) -> Iterator[dict]:
+             alpha: float = CAM_ALPHA, engine: Engine | None = None) -> Iterator[dict]:
     """Explain each image's top-k (or chosen) classes; yield one record per image, in order.
 
     The classes: the top-k by logit, or ``class_ids`` and ``class_names`` (names resolved
@@ -108,7 +108,8 @@ def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     ``save_maps`` ("npy", "npz") also writes the float32 maps (``outputs.maps``); ``overlay``
     "original" draws each CAM's file over the original photo at its size (the grid stays the
     crop's; ``outputs.overlay``); ``colormap`` (any matplotlib colour map) and ``alpha`` (the
-    heat map's weight, 0..1) colour every CAM overlay. compare_layers and embed take the same.
+    heat map's weight, 0..1) colour every CAM overlay. ``engine`` runs the batches elsewhere
+    (``cluster.RayEngine``). compare_layers and embed take the same.
     """
     outputs = Outputs(save_maps, overlay, colormap, alpha)
     settings = check_settings(settings)
@@ -119,7 +120,7 @@ def classify(model: LoadedModel, images: Sequence[Item], output_dir: str | Path 
     job = Job(model, chosen, methods, by_layer=False, tag=f"{model.folder_name}@{'+'.join(chosen)}",
               target=classes.chooser, classes=classes, batch_size=batch_size, progress=progress,
               method_settings=settings, outputs=outputs)
-    return run(job, images, output_dir, batch_size, skip_existing, stop)
+    return run(job, images, output_dir, batch_size, skip_existing, stop, engine)
 
 
 def compare_layers(model: LoadedModel, images: Sequence[Item], output_dir: str | Path = "results",
@@ -131,7 +132,7 @@ def compare_layers(model: LoadedModel, images: Sequence[Item], output_dir: str |
                    score: str | None = None, negative: bool = False,
                    settings: MethodSettings | None = None, save_maps: str = "none",
                    overlay: str = "crop", colormap: str = COLORMAP,
-                   alpha: float = CAM_ALPHA) -> Iterator[dict]:
+                   alpha: float = CAM_ALPHA, engine: Engine | None = None) -> Iterator[dict]:
     """Like ``classify``, with a row per layer (default: the stages) for each explained class.
 
     Only methods that depend on the layer make sense here; one forward and one backward pass
@@ -146,7 +147,7 @@ def compare_layers(model: LoadedModel, images: Sequence[Item], output_dir: str |
     job = Job(model, resolve_layers(model, layers), methods, by_layer=True, tag=f"{model.folder_name}@layers",
               target=classes.chooser, classes=classes, batch_size=batch_size, progress=progress,
               method_settings=check_settings(settings), outputs=outputs)
-    return run(job, images, output_dir, batch_size, skip_existing, stop)
+    return run(job, images, output_dir, batch_size, skip_existing, stop, engine)
 
 
 def embed(model: LoadedModel, images: Sequence[Item], candidates: Candidates,
@@ -155,7 +156,8 @@ def embed(model: LoadedModel, images: Sequence[Item], candidates: Candidates,
           batch_size: int = 8, skip_existing: bool = False,
           stop: Callable[[], bool] = lambda: False, progress: bool = False,
           settings: MethodSettings | None = None, save_maps: str = "none", overlay: str = "crop",
-          colormap: str = COLORMAP, alpha: float = CAM_ALPHA) -> Iterator[dict]:
+          colormap: str = COLORMAP, alpha: float = CAM_ALPHA,
+          engine: Engine | None = None) -> Iterator[dict]:
     """Explain each query's similarity to its top-k ``candidates`` (proxies or references).
 
     The explained score is y·p (``similarity="dot"``, as in Bachhawat 2024) or cos(y, p) of
@@ -173,7 +175,7 @@ def embed(model: LoadedModel, images: Sequence[Item], candidates: Candidates,
               target=target, batch_size=batch_size, progress=progress, names=candidates.names,
               method_settings=check_settings(settings), outputs=outputs,
               extra={"topk": topk, "similarity": similarity, "candidates": _candidates_digest(candidates)})
-    return run(job, images, output_dir, batch_size, skip_existing, stop)
+    return run(job, images, output_dir, batch_size, skip_existing, stop, engine)
 
 
 def _candidates_digest(candidates: Candidates) -> str:
@@ -261,6 +263,10 @@ class Job(Task):
         names = [n for n in results[0].maps if method_of(n).name in self.methods]
         return [replace(results[0], maps=fuse([r.maps for r in results], how, names),
                         layer=f"{how} of {', '.join(self.layers)}")]
+
+    def arrays(self, results: list[Explanation], i: int, name: str) -> np.ndarray:
+        """Image ``i``'s ``name`` maps as float32, layers x classes x C x H x W (``cluster``)."""
+        return np.stack([r.maps[name][i].detach().float().cpu().numpy() for r in results])
 
     def files(self, record: dict) -> list[str]:
         """The grid, every map file and the raw maps."""

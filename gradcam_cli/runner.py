@@ -73,8 +73,20 @@ class Task:
         raise NotImplementedError
 
 
+class Engine:
+    """How the batches of a run are explained and written: in this process (``run``'s default),
+    or spread over a cluster (``cluster.RayEngine``). ``todo`` holds the inputs in order, an
+    earlier record (a dict) where an image is skipped."""
+
+    def batches(self, task: Task, todo: list[Item | dict], out: Path, batch_size: int,
+                stop: Callable[[], bool]) -> Iterator[dict]:
+        """Every image's record, in input order."""
+        raise NotImplementedError
+
+
 def run(task: Task, images: Sequence[Item], output_dir: str | Path, batch_size: int = 8,
-        skip_existing: bool = False, stop: Callable[[], bool] = lambda: False) -> Iterator[dict]:
+        skip_existing: bool = False, stop: Callable[[], bool] = lambda: False,
+        engine: Engine | None = None) -> Iterator[dict]:
     """Run ``task`` over ``images`` in batches; yield one record per image, in input order.
 
     A record's ``status`` is "ok", "skipped" (the earlier record, when ``skip_existing`` and
@@ -83,25 +95,36 @@ def run(task: Task, images: Sequence[Item], output_dir: str | Path, batch_size: 
     under way are written and reported and no other starts. If the run is aborted (a second
     Ctrl-C, an output that cannot be written), every image whose files are complete is
     still reported, in order, before the exception goes on. Every reported image is on the
-    folder's ``index.html`` (``outputs.report``).
+    folder's ``index.html`` (``outputs.report``). ``engine`` explains the batches elsewhere
+    (``cluster.RayEngine``); the files and records are the same.
     """
     out = prepare_output_dir(Path(output_dir))
-    yield from reported(_run(task, images, out, batch_size, skip_existing, stop), out, task.tag)
-
-
-def _run(task: Task, images: Sequence[Item], out: Path, batch_size: int, skip_existing: bool,
-         stop: Callable[[], bool]) -> Iterator[dict]:
-    """``run`` without the page: the batches, their writer thread and the records in order."""
     todo = [(_existing(task, out, item) if skip_existing else None) or item for item in images]
+    engine = engine or Local()
+    yield from reported(engine.batches(task, todo, out, batch_size, stop), out, task.tag)
+
+
+class Local(Engine):
+    """The batches in this process: decoded a batch ahead, written in a second thread."""
+
+    def batches(self, task: Task, todo: list[Item | dict], out: Path, batch_size: int,
+                stop: Callable[[], bool]) -> Iterator[dict]:
+        """The batches, their writer thread and the records in order."""
+        yield from _run(task, todo, out, batch_size, stop)
+
+
+def _run(task: Task, todo: list[Item | dict], out: Path, batch_size: int,
+         stop: Callable[[], bool]) -> Iterator[dict]:
+    """``Local.batches``: explain a batch while the previous one is written."""
     written = _Written()
     with ThreadPoolExecutor(max_workers=1) as writer:
         try:
             first = True
             for batch in prefetch(todo, batch_size, lambda item: load_item(item, task.decode)):
                 good = [item for item in batch if isinstance(item, Loaded)]
-                results = _explain(task, good, first) if good else None
+                results = explain_batch(task, good, first) if good else None
                 first = first and not good
-                written.queue.append(writer.submit(_write_batch, task, batch, results, out))
+                written.queue.append(writer.submit(write_batch, task, batch, results, out))
                 yield from written.report(keep=int(task.writes_beside))  # one beside the next
                 collect_garbage()  # dead grid figures sit in reference cycles (memory.py)
                 if stop():
@@ -135,7 +158,7 @@ class _Written:
                 raise error
 
 
-def _explain(task: Task, good: list[Loaded], first: bool) -> object:
+def explain_batch(task: Task, good: list[Loaded], first: bool) -> object:
     """The batch's results; a layer without gradient fails the run on the first batch, and
     after it only the batch's own images."""
     try:
@@ -149,7 +172,7 @@ def _explain(task: Task, good: list[Loaded], first: bool) -> object:
 Written = tuple[list[dict], GradcamError | None]
 
 
-def _write_batch(task: Task, batch: list[Loaded | dict], results: object, out: Path) -> Written:
+def write_batch(task: Task, batch: list[Loaded | dict], results: object, out: Path) -> Written:
     """Write a batch's explained images in order, passing error and skip records through; an
     output error stops the batch, returned beside the records of the images written before."""
     records, index = [], 0

@@ -1,0 +1,167 @@
+"""--ray: the same batches on a local Ray cluster of 2 CPUs give the files and records of a plain
+run; a killed actor's batch is retried once; Ctrl-C leaves only whole files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+import torchvision
+from PIL import Image
+
+from gradcam_cli.cluster import RayEngine
+from gradcam_cli.errors import ArgumentError
+from gradcam_cli.pipeline import classify
+
+from .scenes import distinct_images
+from .test_cli import run
+
+CLASSIFY = ["classify", "--arch", "resnet18", "--weights", "none", "--no-cuda", "--input-size", "64",
+            "--method", "gradcam,vanilla", "--topk", "2", "--batch-size", "2", "--json"]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> object:
+    """One local cluster of 2 CPUs for the in-process tests (the engine leaves it running)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path, the folder's own name taken out of its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes().replace(str(folder).encode(), b"OUT")
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def images_with_a_bad_one(folder: Path) -> Path:
+    """Five images of two sizes, and a file that is no image."""
+    distinct_images(folder, 3)
+    distinct_images(folder / "wide", 2, size=(120, 50))
+    (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def test_ray_run_writes_the_files_records_and_exit_code_of_a_plain_run(cluster: object,
+                                                                       tmp_path: Path) -> None:
+    images = images_with_a_bad_one(tmp_path / "imgs")
+    plain, spread = tmp_path / "plain", tmp_path / "ray"
+    code, out, _ = run(*CLASSIFY, "--image-path", str(images), "--output-dir", str(plain))
+    ray_code, ray_out, err = run(*CLASSIFY, "--image-path", str(images), "--output-dir", str(spread),
+                                 "--ray", "--workers", "2")
+    assert (ray_code, code) == (1, 1), err  # the broken file fails alone, in both
+    assert ray_out.replace(str(spread), "OUT") == out.replace(str(plain), "OUT")  # same lines, same order
+    assert [json.loads(line)["status"] for line in ray_out.splitlines()].count("ok") == 5
+    assert tree(spread) == tree(plain)  # every PNG, summary and the index byte for byte
+    again = run(*CLASSIFY, "--image-path", str(images), "--output-dir", str(spread), "--ray",
+                "--skip-existing")
+    assert again[0] == 1
+    assert [json.loads(line)["status"] for line in again[1].splitlines()].count("skipped") == 5
+
+
+def test_ray_options_without_ray_are_refused(tmp_path: Path) -> None:
+    code, out, err = run(*CLASSIFY, "--image-path", str(tmp_path), "--workers", "2")
+    assert code == 2 and not out and err.strip() == "gradcam: error: --workers applies with --ray"
+
+
+def test_ray_engine_checks_its_numbers() -> None:
+    with pytest.raises(ArgumentError, match="workers"):
+        RayEngine(workers=0)
+    with pytest.raises(ArgumentError, match="gpus_per_worker"):
+        RayEngine(gpus_per_worker=-1.0)
+
+
+class DiesOnce(torch.nn.Module):
+    """A resnet18 whose process kills itself (SIGKILL) at its first forward pass outside the
+    process that built it while ``marker`` exists, removing it first: one Ray actor dies
+    mid-run, and the call retried on its replacement lives."""
+
+    def __init__(self, marker: str | None, num_classes: int = 4) -> None:
+        super().__init__()
+        self.net = torchvision.models.resnet18(num_classes=num_classes)
+        self.marker, self.driver = marker, os.getpid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.marker and os.getpid() != self.driver and os.path.exists(self.marker):
+            os.unlink(self.marker)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.net(x)
+
+
+def dies_once(num_classes: int = 4) -> torch.nn.Module:
+    """``--arch module:tests.test_cluster:dies_once``: a ``DiesOnce`` whose marker is the file
+    $GRADCAM_TEST_DIE names (none: it never dies)."""
+    return DiesOnce(os.environ.get("GRADCAM_TEST_DIE"), num_classes)
+
+
+def test_a_killed_actor_is_retried_without_losing_or_repeating_an_image(tmp_path: Path) -> None:
+    images = distinct_images(tmp_path / "imgs", 8)[0].parent
+    marker = tmp_path / "die"
+    marker.touch()
+    argv = [sys.executable, "-m", "gradcam_cli", "classify", "--arch", "module:tests.test_cluster:dies_once",
+            "--num-classes", "4", "--layer", "net.layer4", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5",
+            *CLASSIFY[3:], "--image-path", str(images)]
+    plain = subprocess.run([*argv, "--output-dir", str(tmp_path / "plain")], capture_output=True,
+                           text=True, env={**os.environ, "GRADCAM_TEST_DIE": ""})
+    spread = subprocess.run([*argv, "--output-dir", str(tmp_path / "ray"), "--ray", "--workers", "2"],
+                            capture_output=True, text=True,
+                            env={**os.environ, "GRADCAM_TEST_DIE": str(marker)})
+    assert (plain.returncode, spread.returncode) == (0, 0), spread.stderr
+    assert not marker.exists()  # an actor did die
+    records = [json.loads(line) for line in spread.stdout.splitlines()]  # stdout: records only
+    assert [r["image"] for r in records] == [json.loads(line)["image"] for line in plain.stdout.splitlines()]
+    assert len(records) == 8 and all(r["status"] == "ok" for r in records)
+    assert tree(tmp_path / "ray") == tree(tmp_path / "plain")
+
+
+def test_ctrl_c_stops_the_cluster_run_leaving_only_whole_files(tmp_path: Path) -> None:
+    images = distinct_images(tmp_path / "imgs", 40)
+    out = tmp_path / "o"
+    argv = [sys.executable, "-m", "gradcam_cli", *CLASSIFY, "--image-path", str(images[0].parent),
+            "--output-dir", str(out), "--ray", "--workers", "2"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own process group, as a terminal's job
+    deadline = time.monotonic() + 300
+    while not list(out.rglob("summary.json")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches every process of the group
+    stdout, stderr = process.communicate(timeout=300)
+    records = [json.loads(line) for line in stdout.splitlines()]
+    assert process.returncode == 130, stderr
+    assert 0 < len(records) < 40 and all(r["status"] == "ok" for r in records)
+    assert [r["image"] for r in records] == sorted(r["image"] for r in records)  # input order
+    assert not list(out.rglob("*.tmp"))
+    for png in out.rglob("*.png"):
+        Image.open(png).verify()  # whole
+    written = {out.joinpath(*p.relative_to(out).parts[:2]) for p in out.rglob("grid.png")}
+    assert {Path(r["summary"]).parent for r in records} == written  # reported = written
+
+
+def test_explain_dataset_gives_a_plain_runs_records_files_and_maps(cluster: object, tmp_path: Path) -> None:
+    from gradcam_cli.cluster import explain_dataset
+    from gradcam_cli.explanation import explain
+    from gradcam_cli.models import load_model
+    paths = distinct_images(tmp_path / "imgs", 3)
+    model = load_model("resnet18", "none", preprocess={"input_size": (64, 64)})
+    plain = list(classify(model, paths, tmp_path / "plain", topk=2, methods=["gradcam"], batch_size=2))
+    dataset = ray.data.from_items([{"path": str(p)} for p in paths], override_num_blocks=2)
+    rows = explain_dataset(dataset, model, output_dir=tmp_path / "ray", topk=2, methods=["gradcam"],
+                           batch_size=2, maps=True, engine=RayEngine(workers=2)).take_all()
+    assert [json.loads(r["record"]) for r in rows] == \
+        [json.loads(json.dumps(r).replace(str(tmp_path / "plain"), str(tmp_path / "ray"))) for r in plain]
+    pages = {"index.html"}  # the command line's page; this call writes none of its own
+    assert {k: v for k, v in tree(tmp_path / "ray").items() if k not in pages} == \
+        {k: v for k, v in tree(tmp_path / "plain").items() if k not in pages}
+    x = torch.stack([model.preprocess.to_tensor(model.preprocess.model_pixels(Image.open(p).convert("RGB")))
+                     for p in paths])
+    expected = explain(model.module, x, "layer4", topk=2, methods=["gradcam"]).maps["gradcam"]
+    for row, maps in zip(rows, expected, strict=True):
+        torch.testing.assert_close(torch.from_numpy(row["map_gradcam"][0]), maps)
