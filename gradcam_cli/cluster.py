@@ -118,13 +118,19 @@ class RayEngine(Engine):
             raise
 
     def pool_size(self, ray: object) -> int:
-        """``workers``, or as many actors as the cluster's CPUs (GPUs) hold."""
-        if self.workers is not None:
-            return self.workers
+        """``workers``, or as many actors as the cluster's CPUs (GPUs) hold; a pool the cluster
+        cannot hold is refused (Ray would wait for it for ever)."""
         resources = ray.cluster_resources()
-        if self.gpus_per_worker:
-            return max(1, int(resources.get("GPU", 0) / self.gpus_per_worker))
-        return max(1, int(resources.get("CPU", 1) / self.cpus_per_worker))
+        cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+        count = self.workers or max(1, int(gpus / self.gpus_per_worker) if self.gpus_per_worker
+                                    else int(cpus / self.cpus_per_worker))
+        for kind, each, total in (("CPU", self.cpus_per_worker, cpus), ("GPU", self.gpus_per_worker, gpus)):
+            if count * each > total + 1e-9:
+                workers = f"{count} worker{'s' * (count != 1)}"
+                raise ArgumentError("workers", count, f"{workers} of {each:g} {kind} need {count * each:g}; "
+                                    f"the cluster has {total:g}: give fewer workers or less per worker "
+                                    f"(--{kind.lower()}s-per-worker)")
+        return count
 
     def _connect(self) -> tuple[object, bool]:
         """Ray, connected to the cluster (a local one started for ``address`` ""), quietly:

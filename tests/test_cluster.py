@@ -165,3 +165,15 @@ def test_explain_dataset_gives_a_plain_runs_records_files_and_maps(cluster: obje
     expected = explain(model.module, x, "layer4", topk=2, methods=["gradcam"]).maps["gradcam"]
     for row, maps in zip(rows, expected, strict=True):
         torch.testing.assert_close(torch.from_numpy(row["map_gradcam"][0]), maps)
+
+
+def test_a_pool_the_cluster_cannot_hold_is_one_line_not_a_hang(cluster: object, tmp_path: Path) -> None:
+    images = distinct_images(tmp_path / "imgs", 1)[0]
+    code, out, err = run(*CLASSIFY, "--image-path", str(images), "--output-dir", str(tmp_path / "o"),
+                         "--ray", "--workers", "3")
+    assert code == 2 and not out
+    assert err.splitlines()[-1] == ("gradcam: error: --workers 3: 3 workers of 1 CPU need 3; the cluster "
+                                    "has 2: give fewer workers or less per worker (--cpus-per-worker)")
+    code, _, err = run(*CLASSIFY, "--image-path", str(images), "--output-dir", str(tmp_path / "o"),
+                       "--ray", "--gpus-per-worker", "1")
+    assert code == 2 and "1 worker of 1 GPU need 1; the cluster has 0" in err
