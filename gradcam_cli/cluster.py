@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,12 +101,15 @@ class RayEngine(Engine):
             num_gpus=self.gpus_per_worker or None)  # Ray Data restarts a dead actor and retries its call
         arrived: dict[int, list] = {}
         stream = _rows_of(results.iter_batches(batch_size=None, prefetch_batches=0, batch_format="numpy"))
+        pending: deque[dict] = deque()  # the batch being reported: kept whole through an abort
         try:
             for n, batch in enumerate(plan):
                 while n in sent and (n not in arrived or arrived[n][2] > 0):
                     _receive(next(stream), arrived)
                 written, failure, _ = arrived.pop(n, ({}, None, 0))
-                yield from _in_order(batch, written)
+                pending.extend(_in_order(batch, written))
+                while pending:
+                    yield pending.popleft()
                 if failure is not None:
                     raise _raised(failure)
                 if stop():
@@ -113,6 +117,7 @@ class RayEngine(Engine):
         except GeneratorExit:
             raise
         except BaseException:
+            yield from pending
             for m in sorted(m for m, entry in arrived.items() if entry[2] == 0):
                 yield from (record for _, record in sorted(arrived[m][0].items()))  # complete
             raise

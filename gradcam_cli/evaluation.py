@@ -145,8 +145,7 @@ class Evaluation(Task):
 
     def explain(self, batch: list[Loaded]) -> tuple[torch.Tensor, Explanation]:
         """The batch's inputs and its maps."""
-        x = torch.stack([self.model.preprocess.to_tensor(item.data[0]) for item in batch])
-        x = x.to(next(self.model.module.parameters()).device)
+        x = self.model.batch([item.data[0] for item in batch])
         return x, explain(self.model.module, x, self.run.layer, methods=self.run.methods,
                           batch_size=self.run.batch_size, progress=self.progress,
                           target=self.classes.chooser([item.path for item in batch]),

@@ -69,6 +69,16 @@ class LoadedModel:
             return safe
         return f"{safe}-{hashlib.sha256(self.arch.encode()).hexdigest()[:8]}"
 
+    def batch(self, crops: list) -> torch.Tensor:
+        """Crops (as ``preprocess.model_pixels`` gives them) as one input batch on the model's
+        device; to a GPU from pinned memory without blocking, so the copy is queued behind the
+        work already sent and the CPU goes on."""
+        x = torch.stack([self.preprocess.to_tensor(crop) for crop in crops])
+        device = next(self.module.parameters()).device
+        if device.type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True)
+        return x.to(device)
+
     def fingerprint(self) -> dict:
         """What about the model determines its maps and their labels, as plain JSON values."""
         names = hashlib.sha256("\n".join(self.categories).encode()).hexdigest()

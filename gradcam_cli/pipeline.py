@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .errors import ArgumentError, InputError, quoted, unknown
@@ -250,8 +249,7 @@ class Job(Task):
 
     def explain(self, batch: list[Loaded]) -> list[Explanation]:
         """One explanation per layer for the batch, from shared passes (one, fused, when fusing)."""
-        x = torch.stack([self.model.preprocess.to_tensor(item.data) for item in batch])
-        x = x.to(next(self.model.module.parameters()).device)
+        x = self.model.batch([item.data for item in batch])
         how = self.fused
         results = explain_layers(self.model.module, x, self.layers,
                                  methods=[*self.methods, *fuse_needs(self.methods)] if how else self.methods,
