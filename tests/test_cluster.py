@@ -177,3 +177,26 @@ def test_a_pool_the_cluster_cannot_hold_is_one_line_not_a_hang(cluster: object, 
     code, _, err = run(*CLASSIFY, "--image-path", str(images), "--output-dir", str(tmp_path / "o"),
                        "--ray", "--gpus-per-worker", "1")
     assert code == 2 and "1 worker of 1 GPU need 1; the cluster has 0" in err
+
+
+OTHERS = {
+    "compare-layers": ["compare-layers", "--layers", "layer3,layer4"],
+    "evaluate": ["evaluate", "--method", "gradcam", "--steps", "2"],
+    "embed": ["embed", "--method", "gradcam"],
+}
+
+
+@pytest.mark.parametrize("command", OTHERS)
+def test_ray_runs_of_the_other_commands_equal_their_plain_runs(cluster: object, tmp_path: Path,
+                                                               command: str) -> None:
+    paths = distinct_images(tmp_path / "imgs", 3)
+    common = [*OTHERS[command], "--arch", "resnet18", "--weights", "none", "--no-cuda", "--input-size", "64",
+              "--batch-size", "2", "--json", "--image-path", str(paths[0].parent)]
+    if command == "embed":
+        common += ["--reference", str(paths[0])]
+    plain, spread = tmp_path / "plain", tmp_path / "ray"
+    code, out, err = run(*common, "--output-dir", str(plain))
+    ray_code, ray_out, ray_err = run(*common, "--output-dir", str(spread), "--ray", "--workers", "2")
+    assert (ray_code, code) == (0, 0), (err, ray_err)
+    assert ray_out.replace(str(spread), "OUT") == out.replace(str(plain), "OUT")
+    assert tree(spread) == tree(plain)
