@@ -144,7 +144,8 @@ class RayEngine(Engine):
         owned = not ray.is_initialized()
         if owned:
             try:
-                ray.init(address=self.address or None, include_dashboard=False, log_to_driver=False,
+                # "local" starts a new cluster even where `ray start` or $RAY_ADDRESS names one
+                ray.init(address=self.address or "local", include_dashboard=False, log_to_driver=False,
                          logging_level=logging.ERROR)
             except ConnectionError as exc:
                 raise ArgumentError("ray", self.address, f"no Ray cluster answers there ({exc}); start "

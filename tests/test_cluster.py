@@ -145,6 +145,28 @@ def test_ctrl_c_stops_the_cluster_run_leaving_only_whole_files(tmp_path: Path) -
     assert {Path(r["summary"]).parent for r in records} == written  # reported = written
 
 
+def test_auto_joins_the_running_cluster_and_no_address_starts_a_local_one(tmp_path: Path) -> None:
+    images = distinct_images(tmp_path / "imgs", 1)[0]
+    start = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--num-cpus", "1", "--port", "0",
+             "--include-dashboard", "false", "--disable-usage-stats", "--block"]
+    head = subprocess.Popen(start, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        for line in head.stdout:  # a cluster of 1 CPU, started as `ray start` starts one
+            if "Ray runtime started" in line:
+                break
+        argv = [sys.executable, "-m", "gradcam_cli", *CLASSIFY, "--image-path", str(images), "--workers", "2"]
+        joined = subprocess.run([*argv, "--output-dir", str(tmp_path / "a"), "--ray", "auto"],
+                                capture_output=True, text=True)
+        local = subprocess.run([*argv, "--output-dir", str(tmp_path / "b"), "--ray"], capture_output=True,
+                               text=True)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.communicate(timeout=60)
+    assert joined.returncode == 2 and "the cluster has 1" in joined.stderr.splitlines()[-1], joined.stderr
+    assert local.returncode == 0, local.stderr  # its own cluster, of this machine's 2 CPUs
+
+
 def test_explain_dataset_gives_a_plain_runs_records_files_and_maps(cluster: object, tmp_path: Path) -> None:
     from gradcam_cli.cluster import explain_dataset
     from gradcam_cli.explanation import explain
