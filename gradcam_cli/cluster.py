@@ -316,6 +316,18 @@ def explain_dataset(dataset: object, model: object, command: Callable[..., Itera
         num_gpus=engine.gpus_per_worker or None)
 
 
+def _pixels(image: np.ndarray) -> Image.Image:
+    """An image column's pixels as RGB, refused where PIL would misread them: other than uint8
+    (floats in [0, 1] would be clipped to black) or other than HxW, HxWx1, HxWx3 or HxWx4 (Ray
+    gives a grey image batched beside colour ones as 1xHxW)."""
+    if image.dtype != np.uint8:
+        raise InputError(f"image column: {image.dtype} pixels; give uint8 (0-255)")
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))):
+        raise InputError(f"image column: an array of shape {tuple(image.shape)}; give HxW or HxWx3 "
+                         "(ray.data.read_images(..., mode='RGB') gives every image so)")
+    return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image).convert("RGB")
+
+
 class _RowWorker(_Worker):
     """An actor of ``explain_dataset``: rows of paths (and images) in, rows of records out."""
 
@@ -345,9 +357,9 @@ class _RowWorker(_Worker):
         if image is None:
             return load_item(path, self.task.decode)
         try:
-            pixels = Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
-            digest = hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
-            return Loaded(Path(path), digest, self.task.decode(Path(path), pixels))
+            image = np.ascontiguousarray(image)
+            digest = hashlib.sha256(image.tobytes()).hexdigest()
+            return Loaded(Path(path), digest, self.task.decode(Path(path), _pixels(image)))
         except (InputError, TypeError, ValueError) as exc:
             return error_record(path, f"{quoted(path)}: {exc}")
 

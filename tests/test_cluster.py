@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -31,7 +32,7 @@ CLASSIFY = ["classify", "--arch", "resnet18", "--weights", "none", "--no-cuda", 
 @pytest.fixture(scope="module")
 def cluster() -> object:
     """One local cluster of 2 CPUs for the in-process tests (the engine leaves it running)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -149,6 +150,8 @@ def test_auto_joins_the_running_cluster_and_no_address_starts_a_local_one(tmp_pa
     images = distinct_images(tmp_path / "imgs", 1)[0]
     start = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--num-cpus", "1", "--port", "0",
              "--include-dashboard", "false", "--disable-usage-stats", "--block"]
+    latest = Path(ray._private.utils.get_ray_address_file(None))  # where `ray start` notes its cluster
+    before = latest.read_bytes() if latest.exists() else None
     head = subprocess.Popen(start, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -163,6 +166,9 @@ def test_auto_joins_the_running_cluster_and_no_address_starts_a_local_one(tmp_pa
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.communicate(timeout=60)
+        latest.unlink(missing_ok=True)  # ray.init() would go on trying the dead cluster's address
+        if before is not None:
+            latest.write_bytes(before)
     assert joined.returncode == 2 and "the cluster has 1" in joined.stderr.splitlines()[-1], joined.stderr
     assert local.returncode == 0, local.stderr  # its own cluster, of this machine's 2 CPUs
 
@@ -187,6 +193,51 @@ def test_explain_dataset_gives_a_plain_runs_records_files_and_maps(cluster: obje
     expected = explain(model.module, x, "layer4", topk=2, methods=["gradcam"]).maps["gradcam"]
     for row, maps in zip(rows, expected, strict=True):
         torch.testing.assert_close(torch.from_numpy(row["map_gradcam"][0]), maps)
+
+
+def test_explain_dataset_explains_the_pixels_of_an_image_column_not_the_file(cluster: object,
+                                                                            tmp_path: Path) -> None:
+    from gradcam_cli.cluster import explain_dataset
+    from gradcam_cli.explanation import explain
+    from gradcam_cli.models import load_model
+    paths = distinct_images(tmp_path / "imgs", 2)
+    flipped = np.ascontiguousarray(np.asarray(Image.open(paths[0]).convert("RGB"))[:, ::-1])
+    grey = np.asarray(Image.open(paths[1]).convert("L"))  # HxW, as a one-channel read gives it
+    model = load_model("resnet18", "none", preprocess={"input_size": (64, 64)})
+    dataset = ray.data.from_items([{"path": str(paths[0]), "image": flipped},
+                                   {"path": str(paths[1]), "image": grey}],
+                                  override_num_blocks=2)  # a block each: Ray gives a lone grey image as HxW
+    rows = explain_dataset(dataset, model, output_dir=tmp_path / "ray", topk=1, methods=["gradcam"],
+                           batch_size=1, maps=True, engine=RayEngine(workers=1)).take_all()
+    assert [r["status"] for r in rows] == ["ok", "ok"], [r["record"] for r in rows]
+    pixels = [Image.fromarray(flipped), Image.fromarray(grey).convert("RGB")]
+    x = torch.stack([model.preprocess.to_tensor(model.preprocess.model_pixels(p)) for p in pixels])
+    expected = explain(model.module, x, "layer4", topk=1, methods=["gradcam"]).maps["gradcam"]
+    for row, maps in zip(rows, expected, strict=True):
+        torch.testing.assert_close(torch.from_numpy(np.array(row["map_gradcam"][0])), maps)
+
+
+def test_explain_dataset_refuses_pixels_it_would_misread_row_by_row(cluster: object, tmp_path: Path) -> None:
+    from gradcam_cli.cluster import explain_dataset
+    from gradcam_cli.models import load_model
+    paths = distinct_images(tmp_path / "imgs", 3)
+    colour = np.asarray(Image.open(paths[0]).convert("RGB"))
+    grey = np.asarray(Image.open(paths[1]).convert("L"))
+    model = load_model("resnet18", "none", preprocess={"input_size": (64, 64)})
+
+    def statuses(rows: list[dict]) -> list[tuple[str, str]]:
+        out = explain_dataset(ray.data.from_items(rows), model, output_dir=tmp_path / "ray", topk=1,
+                              methods=["gradcam"], batch_size=len(rows), engine=RayEngine(workers=1))
+        return [(r["status"], json.loads(r["record"]).get("error", "")) for r in out.take_all()]
+
+    floats = statuses([{"path": str(paths[0]), "image": grey.astype(np.float32) / 255}])  # PIL: all black
+    mixed = statuses([{"path": str(paths[1]), "image": grey},  # beside a colour image Ray gives it as 1xHxW
+                      {"path": str(paths[2]), "image": colour}])
+    assert [status for status, _ in floats + mixed] == ["error", "error", "ok"]
+    errors = [error for _, error in floats + mixed]
+    assert errors[0] == f"{paths[0]}: image column: float32 pixels; give uint8 (0-255)"
+    assert errors[1] == (f"{paths[1]}: image column: an array of shape (1, 80, 96); give HxW or HxWx3 "
+                         "(ray.data.read_images(..., mode='RGB') gives every image so)")
 
 
 def test_a_pool_the_cluster_cannot_hold_is_one_line_not_a_hang(cluster: object, tmp_path: Path) -> None:
