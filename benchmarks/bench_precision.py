@@ -28,6 +28,7 @@ from common import cpu_model
 from faithfulness import LAYER, ROWS, SIDE, SIZE, as_model, measure
 
 from gradcam_cli.explanation import explain
+from gradcam_cli.paths import with_normalisation
 from gradcam_cli.precision import Precision
 from tests.scenes import scenes, train_resnet10, write_scenes
 
@@ -62,6 +63,7 @@ def main() -> None:
         for i, (label, method, settings) in enumerate(ROWS):
             if only and method not in only:
                 continue
+            settings = with_normalisation(settings, model.preprocess)  # as the commands do
             reduced = replace(settings, precision=low)
             full = explain(model.module, images, LAYER, topk=1, methods=[method], settings=settings,
                            batch_size=20)
