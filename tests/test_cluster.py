@@ -146,6 +146,32 @@ def test_ctrl_c_stops_the_cluster_run_leaving_only_whole_files(tmp_path: Path) -
     assert {Path(r["summary"]).parent for r in records} == written  # reported = written
 
 
+def test_a_second_ctrl_c_stops_at_once_reporting_only_whole_written_images(tmp_path: Path) -> None:
+    images = distinct_images(tmp_path / "imgs", 40)
+    out = tmp_path / "o"
+    argv = [sys.executable, "-m", "gradcam_cli", *CLASSIFY, "--image-path", str(images[0].parent),
+            "--output-dir", str(out), "--ray", "--workers", "2"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(out.rglob("summary.json")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert process.poll() is None  # still winding down: the second signal meets a running run
+    os.killpg(process.pid, signal.SIGINT)  # the second: stop without finishing the batches under way
+    stdout, stderr = process.communicate(timeout=300)
+    records = [json.loads(line) for line in stdout.splitlines()]
+    assert process.returncode == 130, stderr
+    assert all(r["status"] == "ok" for r in records)
+    assert len(records) < 40
+    assert not list(out.rglob("*.tmp"))  # no actor left a write behind
+    for png in out.rglob("*.png"):
+        Image.open(png).verify()
+    written = {out.joinpath(*p.relative_to(out).parts[:2]) for p in out.rglob("summary.json")}
+    assert {Path(r["summary"]).parent for r in records} <= written  # reported only what is written
+
+
 def test_auto_joins_the_running_cluster_and_no_address_starts_a_local_one(tmp_path: Path) -> None:
     images = distinct_images(tmp_path / "imgs", 1)[0]
     start = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--num-cpus", "1", "--port", "0",
