@@ -318,7 +318,7 @@ def explain_dataset(dataset: object, model: object, command: Callable[..., Itera
 
 def _pixels(image: np.ndarray) -> Image.Image:
     """An image column's pixels as RGB, refused where PIL would misread them: other than uint8
-    (floats in [0, 1] would be clipped to black) or other than HxW, HxWx1, HxWx3 or HxWx4 (Ray
+    (floats in [0, 1] would become pixel values 0 and 1) or other than HxW, HxWx1, HxWx3 or HxWx4 (Ray
     gives a grey image batched beside colour ones as 1xHxW)."""
     if image.dtype != np.uint8:
         raise InputError(f"image column: {image.dtype} pixels; give uint8 (0-255)")

@@ -256,7 +256,7 @@ def test_explain_dataset_refuses_pixels_it_would_misread_row_by_row(cluster: obj
                               methods=["gradcam"], batch_size=len(rows), engine=RayEngine(workers=1))
         return [(r["status"], json.loads(r["record"]).get("error", "")) for r in out.take_all()]
 
-    floats = statuses([{"path": str(paths[0]), "image": grey.astype(np.float32) / 255}])  # PIL: all black
+    floats = statuses([{"path": str(paths[0]), "image": grey.astype(np.float32) / 255}])  # PIL: pixels 0, 1
     mixed = statuses([{"path": str(paths[1]), "image": grey},  # beside a colour image Ray gives it as 1xHxW
                       {"path": str(paths[2]), "image": colour}])
     assert [status for status, _ in floats + mixed] == ["error", "error", "ok"]
