@@ -18,6 +18,7 @@ Ray is an optional extra: ``pip install 'gradcam[ray]'``.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
@@ -78,12 +79,14 @@ class RayEngine(Engine):
             for batch in plan:
                 yield from _in_order(batch, {})
             return
+        printer = builtins.print  # Ray's driver puts its safe_print there when it prints a message
         ray, owned = self._connect()
         try:
             yield from self._stream(ray, task, plan, sent, out, stop)
         finally:
-            if owned:
+            if owned:  # the session this run started ends, leaving the process as it found it
                 ray.shutdown()
+                builtins.print = printer
 
     def _stream(self, ray: object, task: Task, plan: list[list[Item | dict]], sent: dict[int, list],
                 out: Path, stop: Callable[[], bool]) -> Iterator[dict]:

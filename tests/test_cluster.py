@@ -3,6 +3,7 @@ run; a killed actor's batch is retried once; Ctrl-C leaves only whole files."""
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import signal
@@ -31,10 +32,13 @@ CLASSIFY = ["classify", "--arch", "resnet18", "--weights", "none", "--no-cuda", 
 
 @pytest.fixture(scope="module")
 def cluster() -> object:
-    """One local cluster of 2 CPUs for the in-process tests (the engine leaves it running)."""
+    """One local cluster of 2 CPUs for the in-process tests (the engine leaves it running), and
+    builtins.print put back after it, as the engine does for a cluster it starts."""
+    printer = builtins.print
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+    builtins.print = printer
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -121,6 +125,31 @@ def test_a_killed_actor_is_retried_without_losing_or_repeating_an_image(tmp_path
     assert [r["image"] for r in records] == [json.loads(line)["image"] for line in plain.stdout.splitlines()]
     assert len(records) == 8 and all(r["status"] == "ok" for r in records)
     assert tree(tmp_path / "ray") == tree(tmp_path / "plain")
+
+
+LEAVES_PRINT = """
+import builtins, sys
+import ray.experimental.tqdm_ray as bars
+from gradcam_cli.cluster import RayEngine
+from gradcam_cli.models import load_model
+from gradcam_cli.pipeline import classify
+printer = builtins.print
+def stop():
+    bars.instance()  # what Ray's driver does when it prints a worker's or the raylet's message
+    return False
+model = load_model("resnet18", "none", preprocess={"input_size": (64, 64)})
+records = list(classify(model, sys.argv[1:3], output_dir=sys.argv[3], topk=1, methods=["gradcam"],
+                        stop=stop, engine=RayEngine(workers=1)))
+assert [r["status"] for r in records] == ["ok", "ok"], records
+assert builtins.print is printer, builtins.print
+"""
+
+
+def test_a_run_that_starts_its_own_cluster_leaves_builtins_print_as_it_was(tmp_path: Path) -> None:
+    images = distinct_images(tmp_path / "imgs", 2)
+    done = subprocess.run([sys.executable, "-c", LEAVES_PRINT, *map(str, images), str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_ctrl_c_stops_the_cluster_run_leaving_only_whole_files(tmp_path: Path) -> None:
