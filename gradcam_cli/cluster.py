@@ -24,6 +24,7 @@ import json
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,14 +80,8 @@ class RayEngine(Engine):
             for batch in plan:
                 yield from _in_order(batch, {})
             return
-        printer = builtins.print  # Ray's driver puts its safe_print there when it prints a message
-        ray, owned = self._connect()
-        try:
+        with self._session() as ray:
             yield from self._stream(ray, task, plan, sent, out, stop)
-        finally:
-            if owned:  # the session this run started ends, leaving the process as it found it
-                ray.shutdown()
-                builtins.print = printer
 
     def _stream(self, ray: object, task: Task, plan: list[list[Item | dict]], sent: dict[int, list],
                 out: Path, stop: Callable[[], bool]) -> Iterator[dict]:
@@ -140,26 +135,40 @@ class RayEngine(Engine):
                                     f"(--{kind.lower()}s-per-worker)")
         return count
 
-    def _connect(self) -> tuple[object, bool]:
-        """Ray, connected to the cluster (a local one started for ``address`` ""), quietly:
-        stdout carries the records; and whether this call connected (and so disconnects)."""
-        ray = _ray()
-        owned = not ray.is_initialized()
-        if owned:
-            try:
-                # "local" starts a new cluster even where `ray start` or $RAY_ADDRESS names one
-                ray.init(address=self.address or "local", include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.ERROR)
-            except ConnectionError as exc:
-                raise ArgumentError("ray", self.address, f"no Ray cluster answers there ({exc}); start "
-                                    "one with `ray start --head`, or give --ray alone for a local "
-                                    "one") from exc
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        context.print_on_execution_start = False
-        return ray, owned
+    @contextmanager
+    def _session(self) -> Iterator[object]:
+        """Ray for one run, quiet (stdout carries the records), and the process left as it was:
+        Ray Data's settings and logger level put back, and a session started here stopped with
+        builtins.print put back (Ray's driver puts its safe_print there when it prints a message)."""
+        ray, printer, logger = _ray(), builtins.print, logging.getLogger("ray.data")
+        owned = self._connect(ray)
+        context, level = ray.data.DataContext.get_current(), logger.level
+        kept = context.enable_progress_bars, context.print_on_execution_start
+        context.enable_progress_bars = context.print_on_execution_start = False
+        logger.setLevel(logging.ERROR)
+        try:
+            yield ray
+        finally:
+            context.enable_progress_bars, context.print_on_execution_start = kept
+            logger.setLevel(level)
+            if owned:
+                ray.shutdown()
+                builtins.print = printer
 
+    def _connect(self, ray: object) -> bool:
+        """Connect to the cluster (start a local one for ``address`` ""), keeping Ray's own
+        messages off stdout; whether this call connected (and so disconnects)."""
+        if ray.is_initialized():
+            return False
+        try:
+            # "local" starts a new cluster even where `ray start` or $RAY_ADDRESS names one
+            ray.init(address=self.address or "local", include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.ERROR)
+        except ConnectionError as exc:
+            raise ArgumentError("ray", self.address, f"no Ray cluster answers there ({exc}); start "
+                                "one with `ray start --head`, or give --ray alone for a local "
+                                "one") from exc
+        return True
 
 def _rows_of(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict]:
     """The rows of the actors' output batches, each as it arrives (no batch held back)."""
@@ -310,7 +319,8 @@ def explain_dataset(dataset: object, model: object, command: Callable[..., Itera
     if maps and not hasattr(task, "arrays"):
         raise ArgumentError("maps", maps, f"{getattr(command, '__name__', 'this command')} writes "
                             "measurements, not maps; use classify, compare_layers or embed")
-    ray, _ = engine._connect()
+    ray = _ray()
+    engine._connect(ray)  # the caller's session from here on: its settings are the caller's
     return dataset.map_batches(
         _RowWorker, batch_size=batch_size, batch_format="numpy",
         fn_constructor_args=(ray.put(task), str(output_dir), maps, engine.cpus_per_worker,

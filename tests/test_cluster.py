@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -226,6 +227,40 @@ def test_auto_joins_the_running_cluster_and_no_address_starts_a_local_one(tmp_pa
             latest.write_bytes(before)
     assert joined.returncode == 2 and "the cluster has 1" in joined.stderr.splitlines()[-1], joined.stderr
     assert local.returncode == 0, local.stderr  # its own cluster, of this machine's 2 CPUs
+
+
+def quiet_settings(ray: object) -> tuple:
+    """What a run quiets for its own stdout: Ray Data's progress bars and start-up line, and
+    its logger's level."""
+    context = ray.data.DataContext.get_current()
+    return context.enable_progress_bars, context.print_on_execution_start, logging.getLogger("ray.data").level
+
+
+def set_quiet_settings(ray: object, bars: bool, start_line: bool, level: int) -> None:
+    """Set what ``quiet_settings`` reads."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars, context.print_on_execution_start = bars, start_line
+    logging.getLogger("ray.data").setLevel(level)
+
+
+def test_runs_in_the_callers_session_leave_its_ray_data_settings_as_they_were(cluster: object,
+                                                                              tmp_path: Path) -> None:
+    from gradcam_cli.cluster import explain_dataset
+    from gradcam_cli.models import load_model
+    paths = distinct_images(tmp_path / "imgs", 2)
+    model = load_model("resnet18", "none", preprocess={"input_size": (64, 64)})
+    before = quiet_settings(cluster)
+    set_quiet_settings(cluster, True, True, logging.INFO)
+    try:
+        records = list(classify(model, paths, tmp_path / "o", topk=1, methods=["gradcam"],
+                                engine=RayEngine(workers=1)))
+        assert [r["status"] for r in records] == ["ok", "ok"]
+        assert quiet_settings(cluster) == (True, True, logging.INFO)
+        explain_dataset(ray.data.from_items([{"path": str(p)} for p in paths]), model,
+                        output_dir=tmp_path / "d", topk=1, methods=["gradcam"], engine=RayEngine(workers=1))
+        assert quiet_settings(cluster) == (True, True, logging.INFO)  # the caller runs it, as they set
+    finally:
+        set_quiet_settings(cluster, *before)
 
 
 def test_explain_dataset_gives_a_plain_runs_records_files_and_maps(cluster: object, tmp_path: Path) -> None:
