@@ -289,11 +289,12 @@ def task_of(command: Callable[..., Iterator[dict]], model: object, output_dir: s
             options: dict) -> Task:
     """The task ``command`` (``pipeline.classify``, ``compare_layers``, ``embed``,
     ``evaluation.evaluate``) builds for these options, every option checked as it checks them."""
-    try:
-        for _ in command(model, [], output_dir, batch_size=batch_size, engine=_Capture(), **options):
-            pass
-    except _Captured as captured:
-        return captured.task
+    if callable(command):
+        try:
+            for _ in command(model, [], output_dir, batch_size=batch_size, engine=_Capture(), **options):
+                pass
+        except _Captured as captured:
+            return captured.task
     raise ArgumentError("command", getattr(command, "__name__", command), "is not a gradcam pipeline "
                         "(classify, compare_layers, embed, evaluate)")
 

@@ -263,6 +263,16 @@ def test_runs_in_the_callers_session_leave_its_ray_data_settings_as_they_were(cl
         set_quiet_settings(cluster, *before)
 
 
+@pytest.mark.parametrize("command", [Path("results"), lambda *args, **options: iter(())],
+                         ids=["a path", "a function of no pipeline"])
+def test_explain_dataset_refuses_a_command_that_is_no_pipeline(command: object) -> None:
+    from gradcam_cli.cluster import explain_dataset
+    from gradcam_cli.models import load_model
+    model = load_model("resnet18", "none", preprocess={"input_size": (64, 64)})
+    with pytest.raises(ArgumentError, match=r"command=.*is not a gradcam pipeline \(classify, "):
+        explain_dataset(None, model, command)
+
+
 def test_explain_dataset_gives_a_plain_runs_records_files_and_maps(cluster: object, tmp_path: Path) -> None:
     from gradcam_cli.cluster import explain_dataset
     from gradcam_cli.explanation import explain
