@@ -170,6 +170,7 @@ class RayEngine(Engine):
                                 "one") from exc
         return True
 
+
 def _rows_of(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict]:
     """The rows of the actors' output batches, each as it arrives (no batch held back)."""
     for columns in batches:

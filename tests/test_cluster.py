@@ -153,16 +153,23 @@ def test_a_run_that_starts_its_own_cluster_leaves_builtins_print_as_it_was(tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_ctrl_c_stops_the_cluster_run_leaving_only_whole_files(tmp_path: Path) -> None:
+def ray_run_of_40_with_a_first_summary(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """A --ray run of 40 images in its own process group (as a terminal's job), and its output
+    folder, once the first image's summary is written."""
     images = distinct_images(tmp_path / "imgs", 40)
     out = tmp_path / "o"
     argv = [sys.executable, "-m", "gradcam_cli", *CLASSIFY, "--image-path", str(images[0].parent),
             "--output-dir", str(out), "--ray", "--workers", "2"]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)  # its own process group, as a terminal's job
+                               start_new_session=True)
     deadline = time.monotonic() + 300
     while not list(out.rglob("summary.json")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    return process, out
+
+
+def test_ctrl_c_stops_the_cluster_run_leaving_only_whole_files(tmp_path: Path) -> None:
+    process, out = ray_run_of_40_with_a_first_summary(tmp_path)
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches every process of the group
     stdout, stderr = process.communicate(timeout=300)
     records = [json.loads(line) for line in stdout.splitlines()]
@@ -177,15 +184,7 @@ def test_ctrl_c_stops_the_cluster_run_leaving_only_whole_files(tmp_path: Path) -
 
 
 def test_a_second_ctrl_c_stops_at_once_reporting_only_whole_written_images(tmp_path: Path) -> None:
-    images = distinct_images(tmp_path / "imgs", 40)
-    out = tmp_path / "o"
-    argv = [sys.executable, "-m", "gradcam_cli", *CLASSIFY, "--image-path", str(images[0].parent),
-            "--output-dir", str(out), "--ray", "--workers", "2"]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not list(out.rglob("summary.json")) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    process, out = ray_run_of_40_with_a_first_summary(tmp_path)
     os.killpg(process.pid, signal.SIGINT)
     time.sleep(0.5)
     assert process.poll() is None  # still winding down: the second signal meets a running run
